@@ -1,0 +1,1 @@
+"""pgolf: a DVC pipeline for Parameter Golf. Library code only; stages live in `stages/`."""

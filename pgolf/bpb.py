@@ -1,0 +1,67 @@
+"""Bits per byte: the byte tables and the formula, as the challenge defines them. Every stage uses this.
+
+A scored target y after input x counts base_bytes[y] + (leading_space[y] and not boundary[x])
+bytes: the UTF-8 length of y's piece without its "▁", plus one for the "▁" unless x is a
+boundary (control/unknown/unused) token such as BOS. Byte-fallback pieces count 1; control and
+unknown pieces count 0. BPB = sum NLL (nats) / (ln 2 * sum bytes).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+SPACE = "\u2581"  # SentencePiece's word-boundary mark "▁"
+
+
+@dataclass(frozen=True)
+class ByteTables:
+    base_bytes: np.ndarray  # int16 [V]
+    leading_space: np.ndarray  # bool [V]
+    boundary: np.ndarray  # bool [V]
+
+    @classmethod
+    def from_sentencepiece(cls, sp: spm.SentencePieceProcessor | Path | str, vocab_size: int = 0) -> "ByteTables":
+        """Tables for a tokenizer; `vocab_size` pads them for a model with a larger embedding."""
+        if not isinstance(sp, spm.SentencePieceProcessor):
+            sp = spm.SentencePieceProcessor(model_file=str(sp))
+        n = max(sp.vocab_size(), vocab_size)
+        base = np.zeros(n, dtype=np.int16)
+        space = np.zeros(n, dtype=bool)
+        boundary = np.ones(n, dtype=bool)  # ids past the tokenizer's vocabulary act like control ids
+        for i in range(sp.vocab_size()):
+            if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+                continue
+            boundary[i] = False
+            if sp.is_byte(i):
+                base[i] = 1
+                continue
+            piece = sp.id_to_piece(i)
+            if piece.startswith(SPACE):
+                space[i] = True
+                piece = piece[1:]
+            base[i] = len(piece.encode("utf-8"))
+        return cls(base, space, boundary)
+
+    def target_bytes(self, prev: np.ndarray, target: np.ndarray) -> np.ndarray:
+        """Bytes of each target given the token before it (int32, same shape)."""
+        prev, target = np.asarray(prev), np.asarray(target)
+        extra = self.leading_space[target] & ~self.boundary[prev]
+        return self.base_bytes[target].astype(np.int32) + extra
+
+    def stream_bytes(self, tokens: np.ndarray) -> int:
+        """Total bytes of the targets tokens[1:] of a contiguous stream (a document or a split)."""
+        tokens = np.asarray(tokens)
+        if tokens.size < 2:
+            return 0
+        return int(self.target_bytes(tokens[:-1], tokens[1:]).sum(dtype=np.int64))
+
+
+def bits_per_byte(nll_nats: float, n_bytes: int) -> float:
+    """The challenge metric from a summed NLL in nats and the bytes of the same targets."""
+    if n_bytes <= 0:
+        raise ValueError("bits per byte needs a positive byte count")
+    return nll_nats / (math.log(2) * n_bytes)

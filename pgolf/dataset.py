@@ -1,0 +1,155 @@
+"""Build the challenge dataset: shards + per-document index, from documents or from existing shards.
+
+Validation is the first `val_docs` documents in source order; the rest is training. Each document
+is [BOS] + encode(text), no EOS, and documents run on across shard boundaries as in the official
+exporter, so its shards come out byte for byte.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+from pgolf import shards, tokenizer
+from pgolf.bpb import ByteTables
+from pgolf.doc_index import DocIndexWriter
+from pgolf.doc_records import doc_records
+from pgolf.docs import DocReader
+from pgolf.encode import batched, encode_batches
+from pgolf.errors import InputError
+from pgolf.files import sha256_file
+from pgolf.progress import Progress
+
+ROUNDTRIP_DOCS = 8  # validation documents re-encoded to check that a tokenizer fits its shards
+
+
+class _Split:
+    """Running totals and index records of one split."""
+
+    def __init__(self, name: str, index: DocIndexWriter):
+        self.name, self.index = name, index
+        self.docs = self.tokens = self.bytes = 0
+        self.shards: list[dict] = []
+
+    def record(self, lengths: np.ndarray, nbytes: np.ndarray, hashes: np.ndarray) -> None:
+        self.index.add(self.name, lengths, nbytes, hashes)
+        self.docs += len(lengths)
+        self.tokens += int(lengths.sum())
+        self.bytes += int(nbytes.sum())
+
+    def summary(self) -> dict:
+        return {"docs": self.docs, "tokens": self.tokens, "bytes": self.bytes, "shards": self.shards}
+
+
+def export_docs(
+    reader: DocReader,
+    model: Path,
+    out_dir: Path,
+    index_path: Path,
+    val_docs: int,
+    shard_tokens: int,
+    workers: int = 0,
+) -> dict[str, dict]:
+    """Encode the reader's documents into shards under out_dir and their records into index_path.
+
+    Returns per split: docs, tokens, bytes (BPB byte count) and the shards written.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    progress = Progress("tokenize", total=reader.total_bytes, unit="B")
+    index = DocIndexWriter(index_path)
+    splits = {name: _Split(name, index) for name in shards.SPLITS}
+    writers = {name: shards.ShardWriter(out_dir, name, shard_tokens) for name in shards.SPLITS}
+    try:
+        for enc in encode_batches(model, batched(reader), workers):
+            val, train = enc.split(max(0, val_docs - splits["val"].docs))
+            for name, part in (("val", val), ("train", train)):
+                if len(part.lengths):
+                    writers[name].add(part.tokens)
+                    splits[name].record(part.lengths, part.nbytes, part.hashes)
+            if splits["train"].docs:
+                writers["val"].close()  # validation is complete: write its last shard now
+            progress.update(count=reader.bytes_read)
+    finally:
+        index.close()
+    for name in shards.SPLITS:
+        splits[name].shards = writers[name].close()
+    if splits["val"].docs < val_docs:
+        files = ", ".join(str(f.path) for f in reader.files)
+        raise InputError(f"data.val_docs is {val_docs} but {files} holds only {splits['val'].docs} documents")
+    progress.done(f"{splits['val'].docs:,} val + {splits['train'].docs:,} train documents")
+    return {name: s.summary() for name, s in splits.items()}
+
+
+def export_reference(texts: list[str], sp: spm.SentencePieceProcessor, out_dir: Path, val_docs: int, shard_tokens: int) -> None:
+    """The plain definition of export_docs' shards: what the fast path must reproduce byte for byte."""
+    docs = [[sp.bos_id()] + sp.encode(text) for text in texts]
+    for split, part in (("val", docs[:val_docs]), ("train", docs[val_docs:])):
+        stream = np.array([t for doc in part for t in doc], dtype="<u2")
+        for i, start in enumerate(range(0, len(stream), shard_tokens)):
+            shards.write_shard(out_dir / shards.shard_name(split, i), stream[start : start + shard_tokens])
+
+
+def import_shards(folder: Path, model: Path, out_dir: Path, index_path: Path) -> dict[str, dict]:
+    """Validate existing challenge shards against their tokenizer and link them into out_dir unchanged."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"data.shards: {folder}: no such folder")
+    sp = tokenizer.load(model)
+    tables = ByteTables.from_sentencepiece(sp)
+    bos = sp.bos_id()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    index = DocIndexWriter(index_path)
+    splits = {name: _Split(name, index) for name in shards.SPLITS}
+    try:
+        for name, split in splits.items():
+            paths = shards.list_shards(folder, name)
+            if name == "val" and not paths:
+                raise InputError(f"{folder}: no validation shards (fineweb_val_000000.bin, ...)")
+            progress = Progress(f"check {name} shards", total=len(paths), unit="shards")
+            carry = np.zeros(0, dtype="<u2")  # the document still running at the end of the last shard
+            for i, path in enumerate(paths):
+                tokens = shards.read_tokens(path)
+                shards.check_vocab(tokens, sp.vocab_size(), path, model)
+                if i == 0 and (len(tokens) == 0 or tokens[0] != bos):
+                    raise InputError(f"{path}: the first shard of a split must start with BOS ({bos})")
+                if name == "val" and i == 0:
+                    _check_roundtrip(sp, tokens, path, model)
+                stream = np.concatenate([carry, tokens])
+                starts = np.flatnonzero(stream == bos)  # stream[0] is a BOS: the carry starts with one
+                end = len(stream) if i == len(paths) - 1 else int(starts[-1])
+                done = starts[starts < end]
+                if len(done):
+                    nbytes, hashes = doc_records(stream[:end], done, tables)
+                    split.record(np.diff(np.append(done, end)), nbytes, hashes)
+                carry = stream[end:]
+                split.shards.append({"name": path.name, "tokens": len(tokens), "sha256": _link(path, out_dir / path.name)})
+                progress.update()
+            progress.done(f"{split.docs:,} documents, {split.tokens:,} tokens")
+    finally:
+        index.close()
+    return {name: s.summary() for name, s in splits.items()}
+
+
+def _check_roundtrip(sp: spm.SentencePieceProcessor, tokens: np.ndarray, path: Path, model: Path) -> None:
+    # Ids below the vocabulary size prove little (sp1024 shards fit any larger vocabulary); a
+    # tokenizer that made these shards re-encodes its own decoded text to the same ids.
+    starts = np.flatnonzero(tokens == sp.bos_id())[: ROUNDTRIP_DOCS + 1]
+    docs = [tokens[s + 1 : e].tolist() for s, e in zip(starts, np.append(starts[1:], len(tokens)))][:ROUNDTRIP_DOCS]
+    same = sum(sp.encode(sp.decode(doc)) == doc for doc in docs)
+    if 2 * same < len(docs):
+        raise InputError(
+            f"{path}: only {same} of the first {len(docs)} documents re-encode to the same ids with {model}: "
+            "these shards were made with another tokenizer"
+        )
+
+
+def _link(src: Path, dst: Path) -> str:
+    """Hard-link (copy across file systems) a shard into place; return its sha256."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+    return sha256_file(dst)

@@ -1,0 +1,98 @@
+"""Encode documents to [BOS] + ids in worker processes, in order, with bounded memory.
+
+Each batch of texts becomes one `Encoded`: the concatenated tokens plus each document's length,
+BPB byte count and hash (pgolf.doc_index), all computed in the worker so the parent only writes.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import multiprocessing as mp
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import sentencepiece as spm
+
+from pgolf.bpb import ByteTables
+from pgolf.doc_records import doc_records
+
+
+@dataclass
+class Encoded:
+    tokens: np.ndarray  # uint16, the documents one after another, each [BOS] + ids
+    lengths: np.ndarray  # int64 per document, BOS included
+    nbytes: np.ndarray  # int64 per document
+    hashes: np.ndarray  # uint64 per document
+
+    def split(self, k: int) -> tuple["Encoded", "Encoded"]:
+        """The first k documents and the rest."""
+        at = int(self.lengths[:k].sum())
+        head = Encoded(self.tokens[:at], self.lengths[:k], self.nbytes[:k], self.hashes[:k])
+        tail = Encoded(self.tokens[at:], self.lengths[k:], self.nbytes[k:], self.hashes[k:])
+        return head, tail
+
+
+def encode_batch(sp: spm.SentencePieceProcessor, tables: ByteTables, texts: list[str]) -> Encoded:
+    ids = sp.encode(texts, out_type=int, num_threads=1)  # parallelism comes from worker processes
+    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint16, count=int(lengths.sum()) - len(ids))
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64)
+    tokens = np.insert(flat, starts - np.arange(len(ids)), np.uint16(sp.bos_id()))
+    nbytes, hashes = doc_records(tokens, starts, tables)
+    return Encoded(tokens, lengths, nbytes, hashes)
+
+
+def batched(texts: Iterable[str], max_docs: int = 512, max_chars: int = 1 << 18) -> Iterator[list[str]]:
+    """Group texts into batches of at most max_docs documents or about max_chars characters."""
+    batch, chars = [], 0
+    for text in texts:
+        batch.append(text)
+        chars += len(text)
+        if len(batch) >= max_docs or chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+_worker: tuple[spm.SentencePieceProcessor, ByteTables] | None = None
+
+
+def _init(model: str) -> None:
+    global _worker
+    sp = spm.SentencePieceProcessor(model_file=model)
+    _worker = (sp, ByteTables.from_sentencepiece(sp))
+
+
+def _encode(texts: list[str]) -> Encoded:
+    return encode_batch(*_worker, texts)
+
+
+def encode_batches(model: Path, batches: Iterable[list[str]], workers: int = 0) -> Iterator[Encoded]:
+    """encode_batch over `batches` in order, on `workers` processes (0: one per core).
+
+    At most two batches per worker are in flight, so memory stays flat however long the input.
+    """
+    workers = workers or os.cpu_count() or 1
+    if workers == 1:
+        _init(str(model))
+        for texts in batches:
+            yield _encode(texts)
+        return
+    # spawn, not fork: the parent may hold threads (pyarrow, sentencepiece) that fork would copy mid-lock.
+    # A ProcessPoolExecutor, not a Pool: Pool.terminate can hang while a large task is being sent.
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init, initargs=(str(model),))
+    try:
+        pending: collections.deque = collections.deque()
+        for texts in batches:
+            pending.append(pool.submit(_encode, texts))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,80 @@
+"""Files: outputs written whole (to a temporary sibling, renamed into place when complete), and checksums."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+
+def _tmp_sibling(final: Path) -> Path:
+    return final.parent / f".{final.name}.tmp-{os.getpid()}"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _clear_leftovers(final: Path) -> None:
+    # A killed run leaves its temporaries behind; they are never valid output.
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):
+        _remove(stale)
+
+
+def _replace(tmp: Path, final: Path) -> None:
+    if final.is_dir() and not final.is_symlink():
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+
+
+@contextlib.contextmanager
+def staged(*finals: Path) -> Iterator[list[Path]]:
+    """Yield one temporary path per final path (file or directory).
+
+    If the block finishes, each temporary replaces its final path; if it raises, the
+    temporaries are deleted and whatever stood at the final paths is left untouched.
+    """
+    finals_ = [Path(f) for f in finals]
+    tmps = []
+    for final in finals_:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        _clear_leftovers(final)
+        tmps.append(_tmp_sibling(final))
+    try:
+        yield tmps
+    except BaseException:
+        for tmp in tmps:
+            _remove(tmp)
+        raise
+    for tmp, final in zip(tmps, finals_):
+        if not tmp.exists():
+            raise RuntimeError(f"staged output {final} was never written")
+    for tmp, final in zip(tmps, finals_):
+        _replace(tmp, final)
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    with staged(Path(path)) as (tmp,):
+        tmp.write_bytes(data)
+
+
+def write_json(path: Path, obj: object) -> None:
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8"))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,10 @@
+"""Where each stage's outputs live, relative to the repository root (dvc.yaml names the same paths)."""
+from pathlib import Path
+
+DATA = Path("data")
+SHARDS = DATA / "shards"  # fineweb_{val,train}_NNNNNN.bin
+TOKENIZER = DATA / "tokenizer.model"
+MANIFEST = DATA / "manifest.json"
+DOC_INDEX = DATA / "docs.parquet"  # per-document split, tokens, bytes, hash
+
+METRICS = Path("metrics")

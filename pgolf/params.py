@@ -1,0 +1,120 @@
+"""params.yaml, one dataclass per section. Unknown, missing or mistyped keys fail by name."""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from pgolf.errors import InputError
+
+PARAMS_FILE = Path("params.yaml")
+MAX_VOCAB = 65_536  # token ids are stored as uint16 in the challenge shards
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataParams:
+    source: str  # builtin | docs | shards
+    docs: str | list[str] | None  # docs: files, folders, globs or URLs (.jsonl, .parquet, .txt)
+    shards: str | None  # shards: a folder holding fineweb_{train,val}_*.bin
+    val_docs: int | None  # validation = the first val_docs documents (null: all of them, shards only)
+    shard_tokens: int  # tokens per shard file
+    workers: int  # encoding processes; 0 = one per core
+    download_dir: str  # where URLs in data.docs are downloaded to
+
+    def __post_init__(self) -> None:
+        sources = ("builtin", "docs", "shards")
+        if self.source not in sources:
+            raise InputError(f"params.yaml: data.source is {self.source!r}; use one of {', '.join(sources)}")
+        if self.source == "docs" and not self.docs:
+            raise InputError("params.yaml: data.source is 'docs' but data.docs is empty")
+        if self.source == "shards" and not self.shards:
+            raise InputError("params.yaml: data.source is 'shards' but data.shards is empty")
+        if self.source != "shards" and (self.val_docs is None or self.val_docs < 1):
+            raise InputError("params.yaml: data.val_docs must be a positive document count")
+        if self.shard_tokens < 1:
+            raise InputError("params.yaml: data.shard_tokens must be positive")
+        if self.workers < 0:
+            raise InputError("params.yaml: data.workers must be 0 (all cores) or more")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerParams:
+    model: str | None  # an existing SentencePiece model; null = train one on the training documents
+    vocab_size: int  # vocabulary of a trained tokenizer
+    train_docs: int | None  # train it on the first N training documents (null: all)
+    train_on_val: bool  # also feed it the validation documents (the official tokenizer saw them)
+
+    def __post_init__(self) -> None:
+        if not 8 <= self.vocab_size <= MAX_VOCAB:
+            raise InputError(
+                f"params.yaml: tokenizer.vocab_size is {self.vocab_size}; it must be 8..{MAX_VOCAB:,} "
+                "so that every token id fits the shards' uint16"
+            )
+        if self.train_docs is not None and self.train_docs < 1:
+            raise InputError("params.yaml: tokenizer.train_docs must be positive or null")
+
+
+def load(path: Path = PARAMS_FILE) -> dict[str, Any]:
+    """The whole params file as a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: params file not found (run stages from the repository root)")
+    try:
+        params = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(params, dict):
+        raise InputError(f"{path}: expected a mapping of sections")
+    return params
+
+
+def section(params: dict[str, Any], name: str, cls: type[T], path: Path = PARAMS_FILE) -> T:
+    """Build dataclass `cls` from section `name`, naming the key of any mistake."""
+    raw = params.get(name)
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: section '{name}' is missing or not a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise InputError(f"{path}: unknown key {name}.{unknown[0]} (known: {', '.join(fields)})")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, field in fields.items():
+        if key not in raw:
+            if field.default is not dataclasses.MISSING:
+                continue
+            raise InputError(f"{path}: missing key {name}.{key}")
+        if not _matches(raw[key], hints[key]):
+            raise InputError(f"{path}: {name}.{key} is {raw[key]!r}; expected {_describe(hints[key])}")
+        values[key] = raw[key]
+    return cls(**values)
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
+    return "null" if hint is type(None) else hint.__name__

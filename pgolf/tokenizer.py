@@ -1,0 +1,69 @@
+"""SentencePiece tokenizers: load one with checks, or train a BPE model with the challenge's settings."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import sentencepiece as spm
+
+from pgolf.errors import InputError
+from pgolf.params import MAX_VOCAB
+
+# The settings of the official exporter (data/download_hf_docs_and_tokenize.py).
+CHALLENGE_SETTINGS = dict(
+    model_type="bpe",
+    character_coverage=0.999,
+    byte_fallback=True,
+    split_digits=True,
+    normalization_rule_name="nmt_nfkc",
+    add_dummy_prefix=False,
+    pad_id=0,
+    bos_id=1,
+    eos_id=2,
+    unk_id=3,
+    hard_vocab_limit=False,
+)
+
+
+def load(path: Path | str) -> spm.SentencePieceProcessor:
+    """A SentencePiece model whose ids fit uint16 shards and which has a BOS token."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: tokenizer model not found")
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as exc:
+        raise InputError(f"{path}: not a SentencePiece model ({exc})") from None
+    if sp.vocab_size() > MAX_VOCAB:
+        raise InputError(f"{path}: vocabulary of {sp.vocab_size():,} tokens; shards hold ids below {MAX_VOCAB:,}")
+    if sp.bos_id() < 0:
+        raise InputError(f"{path}: the tokenizer has no BOS token; documents start with BOS")
+    return sp
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, out_model: Path) -> spm.SentencePieceProcessor:
+    """Train a BPE model on `texts` with the challenge's settings; write it to out_model."""
+    out_model = Path(out_model)
+
+    def sentences():
+        # As the official exporter feeds its trainer: NULs to spaces, stripped, empty skipped.
+        for text in texts:
+            text = text.replace("\x00", " ").strip()
+            if text:
+                yield text
+
+    with tempfile.TemporaryDirectory(dir=out_model.parent) as tmp:
+        prefix = Path(tmp) / "sp"
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=sentences(),
+                model_prefix=str(prefix),
+                vocab_size=vocab_size,
+                minloglevel=2,
+                **CHALLENGE_SETTINGS,
+            )
+        except RuntimeError as exc:
+            raise InputError(f"tokenizer training failed (tokenizer.vocab_size={vocab_size}): {exc}") from None
+        prefix.with_suffix(".model").replace(out_model)
+    return load(out_model)

@@ -1,0 +1,61 @@
+"""Shared fixtures. Real challenge data comes from $PGOLF_FINEWEB_DIR or ../shared/data/fineweb.
+
+Tests that need it skip with the reason when it is absent, unless PGOLF_REQUIRE_DATA=1 (set by
+.ci/run) or CI is set: then its absence is a failure.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+FINEWEB_ENV = "PGOLF_FINEWEB_DIR"
+
+
+def _required() -> bool:
+    return os.environ.get("PGOLF_REQUIRE_DATA") == "1" or os.environ.get("CI", "").lower() in ("1", "true")
+
+
+@pytest.fixture(scope="session")
+def fineweb() -> Path:
+    """The shared FineWeb sample folder (tokenizer, val_head_docs.jsonl, val_head_sp1024.bin, extra_docs.jsonl)."""
+    path = Path(os.environ.get(FINEWEB_ENV, REPO.parent / "shared" / "data" / "fineweb"))
+    if not (path / "val_head_sp1024.bin").is_file():
+        msg = f"real FineWeb sample not found at {path} (set {FINEWEB_ENV})"
+        if _required():
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sp1024(fineweb: Path) -> Path:
+    return fineweb / "tokenizers" / "fineweb_1024_bpe.model"
+
+
+def default_params() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def run_stage(stage: str, cwd: Path, params: dict) -> subprocess.CompletedProcess:
+    """Run `python -m stages.<stage>` in cwd with params written to cwd/params.yaml."""
+    (cwd / "params.yaml").write_text(yaml.safe_dump(params))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run(
+        [sys.executable, "-m", f"stages.{stage}"], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def write_jsonl(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
+def read_jsonl_texts(path: Path) -> list[str]:
+    return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines()]
