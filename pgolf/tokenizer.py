@@ -1,13 +1,14 @@
 """SentencePiece tokenizers: load one with checks, or train a BPE model with the challenge's settings."""
 from __future__ import annotations
 
-import tempfile
+import io
 from pathlib import Path
 from typing import Iterable
 
 import sentencepiece as spm
 
 from pgolf.errors import InputError
+from pgolf.files import write_bytes
 from pgolf.params import MAX_VOCAB
 
 # The settings of the official exporter (data/download_hf_docs_and_tokenize.py).
@@ -43,8 +44,10 @@ def load(path: Path | str) -> spm.SentencePieceProcessor:
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, out_model: Path) -> spm.SentencePieceProcessor:
-    """Train a BPE model on `texts` with the challenge's settings; write it to out_model."""
-    out_model = Path(out_model)
+    """Train a BPE model on `texts` with the challenge's settings; write it to out_model.
+
+    The model's bytes depend only on the texts and the settings, so DVC sees a rerun as unchanged.
+    """
 
     def sentences():
         # As the official exporter feeds its trainer: NULs to spaces, stripped, empty skipped.
@@ -53,17 +56,12 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_model: Path) -> spm.Sen
             if text:
                 yield text
 
-    with tempfile.TemporaryDirectory(dir=out_model.parent) as tmp:
-        prefix = Path(tmp) / "sp"
-        try:
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=sentences(),
-                model_prefix=str(prefix),
-                vocab_size=vocab_size,
-                minloglevel=2,
-                **CHALLENGE_SETTINGS,
-            )
-        except RuntimeError as exc:
-            raise InputError(f"tokenizer training failed (tokenizer.vocab_size={vocab_size}): {exc}") from None
-        prefix.with_suffix(".model").replace(out_model)
+    model = io.BytesIO()  # written in memory: a model_prefix path would be recorded in the model
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=sentences(), model_writer=model, vocab_size=vocab_size, minloglevel=2, **CHALLENGE_SETTINGS
+        )
+    except RuntimeError as exc:
+        raise InputError(f"tokenizer training failed (tokenizer.vocab_size={vocab_size}): {exc}") from None
+    write_bytes(out_model, model.getvalue())
     return load(out_model)

@@ -201,3 +201,11 @@ def test_oversized_vocabulary_is_refused(monkeypatch, sp1024):
     monkeypatch.setattr(tokenizer, "MAX_VOCAB", 1000)
     with pytest.raises(InputError, match="fineweb_1024_bpe.model: vocabulary of 1,024 tokens"):
         tokenizer.load(sp1024)
+
+
+def test_trained_tokenizer_bytes_depend_only_on_the_texts(tmp_path, fineweb):
+    texts = [t[:3000] for t in read_jsonl_texts(fineweb / "extra_docs.jsonl")]
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        train_bpe(texts, 512, tmp_path / name / "tok.model")
+    assert (tmp_path / "a/tok.model").read_bytes() == (tmp_path / "b/tok.model").read_bytes()
