@@ -1,18 +1,26 @@
-"""The one exception type for bad input: its message names the file or key at fault."""
+"""Errors that end a stage with one clear message (no traceback): bad input, or a run that went wrong."""
 from __future__ import annotations
 
 import sys
 from typing import Callable
 
 
-class InputError(Exception):
-    """Bad input (a file, a param). Stages print the message alone and exit non-zero."""
+class StageError(Exception):
+    """Ends a stage: run_stage prints the message alone and exits with status 2."""
+
+
+class InputError(StageError):
+    """Bad input (a file, a param); the message names the file or key at fault."""
+
+
+class TrainingDiverged(StageError):
+    """The loss stopped being finite; the message names the last good checkpoint."""
 
 
 def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage's main; bad input ends it with the one message and exit status 2, no traceback."""
+    """Run a stage's main; a StageError ends it with its one message and exit status 2."""
     try:
         main()
-    except InputError as exc:
+    except StageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -8,3 +8,8 @@ MANIFEST = DATA / "manifest.json"
 DOC_INDEX = DATA / "docs.parquet"  # per-document split, tokens, bytes, hash
 
 METRICS = Path("metrics")
+
+ARTIFACTS = Path("artifacts")
+CHECKPOINT = ARTIFACTS / "model.safetensors"  # the float checkpoint from train
+RUNS = Path("runs")  # untracked: resumable checkpoints of interrupted runs
+TRAIN_RUN = RUNS / "train"

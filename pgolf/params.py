@@ -60,6 +60,75 @@ class TokenizerParams:
             raise InputError("params.yaml: tokenizer.train_docs must be positive or null")
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelParams:
+    layers: int
+    dim: int
+    heads: int
+    kv_heads: int  # grouped-query attention: heads share kv_heads key/value heads
+    mlp_mult: int  # MLP hidden width = mlp_mult * dim, relu² activation
+    vocab_size: int
+    tie_embeddings: bool  # the output head is the token embedding
+    logit_softcap: float  # logits = cap * tanh(logits / cap)
+    rope_base: float
+    qk_gain_init: float  # initial per-head gain on the RMS-normed queries
+    tied_embed_init_std: float
+
+    def __post_init__(self) -> None:
+        for key in ("layers", "dim", "heads", "kv_heads", "mlp_mult", "vocab_size"):
+            if getattr(self, key) < 1:
+                raise InputError(f"params.yaml: model.{key} must be positive")
+        if self.dim % self.heads or (self.dim // self.heads) % 2:
+            raise InputError(f"params.yaml: model.dim ({self.dim}) must be an even multiple of model.heads ({self.heads}) for rotary")
+        if self.heads % self.kv_heads:
+            raise InputError(f"params.yaml: model.heads ({self.heads}) must be a multiple of model.kv_heads ({self.kv_heads})")
+        if self.vocab_size > MAX_VOCAB:
+            raise InputError(f"params.yaml: model.vocab_size is {self.vocab_size}; shards hold ids below {MAX_VOCAB:,}")
+        if self.logit_softcap <= 0:
+            raise InputError("params.yaml: model.logit_softcap must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainParams:
+    seq_len: int
+    batch_tokens: int  # tokens per optimizer step, over all processes
+    grad_accum: int  # micro-batches per step over all processes (each process runs grad_accum / world)
+    iterations: int  # stop after this many steps ...
+    max_seconds: float  # ... or this much training time, whichever comes first (0 = no limit)
+    warmdown_iters: int  # linear LR decay to 0 over the last N steps (of the time budget, if one is set)
+    warmup_steps: int  # steps run and then undone before timing starts (primes torch.compile)
+    embed_lr: float  # untied input embedding (Adam)
+    head_lr: float  # untied output head (Adam)
+    tied_embed_lr: float  # tied embedding (Adam)
+    matrix_lr: float  # block matrices (Muon)
+    scalar_lr: float  # vectors and control tensors (Adam)
+    muon_momentum: float
+    muon_backend_steps: int  # Newton-Schulz iterations
+    muon_momentum_warmup_start: float
+    muon_momentum_warmup_steps: int
+    beta1: float
+    beta2: float
+    adam_eps: float
+    grad_clip_norm: float  # 0 = off
+    val_tokens: int  # score the first N validation tokens after training (0 = all)
+    val_batch_seqs: int  # sequences per evaluation batch on each process
+    log_every: int  # steps between progress lines
+    checkpoint_every: int  # steps between resumable checkpoints in the run folder (0 = off)
+    resume: bool  # continue from the newest checkpoint in the run folder
+    compile: bool  # torch.compile on CUDA (CPU always runs eagerly)
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 1 or self.grad_accum < 1 or self.iterations < 1:
+            raise InputError("params.yaml: train.seq_len, train.grad_accum and train.iterations must be positive")
+        if self.batch_tokens % (self.grad_accum * self.seq_len):
+            raise InputError(
+                f"params.yaml: train.batch_tokens ({self.batch_tokens}) must be a multiple of "
+                f"train.grad_accum * train.seq_len ({self.grad_accum} * {self.seq_len})"
+            )
+        if self.max_seconds < 0:
+            raise InputError("params.yaml: train.max_seconds must be 0 (no limit) or positive")
+
+
 def load(path: Path = PARAMS_FILE) -> dict[str, Any]:
     """The whole params file as a dict."""
     path = Path(path)
@@ -72,6 +141,15 @@ def load(path: Path = PARAMS_FILE) -> dict[str, Any]:
     if not isinstance(params, dict):
         raise InputError(f"{path}: expected a mapping of sections")
     return params
+
+
+def scalar(params: dict[str, Any], name: str, kind: type[T], path: Path = PARAMS_FILE) -> T:
+    """A top-level scalar param such as `seed`."""
+    if name not in params:
+        raise InputError(f"{path}: missing key {name}")
+    if not _matches(params[name], kind):
+        raise InputError(f"{path}: {name} is {params[name]!r}; expected {_describe(kind)}")
+    return params[name]
 
 
 def section(params: dict[str, Any], name: str, cls: type[T], path: Path = PARAMS_FILE) -> T:

@@ -43,10 +43,10 @@ def default_params() -> dict:
     return yaml.safe_load((REPO / "params.yaml").read_text())
 
 
-def run_stage(stage: str, cwd: Path, params: dict) -> subprocess.CompletedProcess:
+def run_stage(stage: str, cwd: Path, params: dict, **env_vars: str) -> subprocess.CompletedProcess:
     """Run `python -m stages.<stage>` in cwd with params written to cwd/params.yaml."""
     (cwd / "params.yaml").write_text(yaml.safe_dump(params))
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(REPO), **env_vars)
     return subprocess.run(
         [sys.executable, "-m", f"stages.{stage}"], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
@@ -59,3 +59,35 @@ def write_jsonl(path: Path, texts: list[str]) -> Path:
 
 def read_jsonl_texts(path: Path) -> list[str]:
     return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+TINY_MODEL = dict(layers=2, dim=32, heads=2, kv_heads=1, mlp_mult=2, vocab_size=1024)
+TINY_TRAIN = dict(
+    seq_len=32, batch_tokens=512, grad_accum=4, iterations=4, warmdown_iters=2, val_tokens=2048, val_batch_seqs=16,
+    log_every=1, checkpoint_every=0, muon_momentum_warmup_steps=2,
+)
+
+
+def tiny_params(**train) -> dict:
+    """Default params with a tiny model and a few short steps: seconds on a CPU."""
+    p = default_params()
+    p["model"].update(TINY_MODEL)
+    p["train"].update(TINY_TRAIN, **train)
+    return p
+
+
+def make_data(root: Path, fineweb: Path) -> Path:
+    """data/shards (2 train shards, 1 val shard of real tokens) and data/tokenizer.model under root."""
+    import shutil
+
+    from pgolf import shards
+
+    tokens = shards.read_tokens(fineweb / "val_head_sp1024.bin")
+    out = root / "data" / "shards"
+    out.mkdir(parents=True)
+    shards.write_shard(out / "fineweb_val_000000.bin", tokens[:8192])
+    shards.write_shard(out / "fineweb_train_000000.bin", tokens[8192:20000])
+    shards.write_shard(out / "fineweb_train_000001.bin", tokens[20000:40000])
+    shutil.copy(fineweb / "tokenizers" / "fineweb_1024_bpe.model", root / "data" / "tokenizer.model")
+    return root
+

@@ -1,0 +1,81 @@
+"""Checkpoints in safetensors (no pickle: loading one cannot run code).
+
+A model checkpoint holds the weights and, in its metadata, the `model` params that rebuild the
+network. A resumable checkpoint adds the optimizer states and the loop's position.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file, safe_open
+
+from pgolf.errors import InputError
+from pgolf.files import staged
+from pgolf.model import GPT
+from pgolf.params import ModelParams
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    with staged(Path(path)) as (tmp,):
+        save_file(tensors, str(tmp), metadata={"pgolf": json.dumps(meta)})
+
+
+def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: checkpoint not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("pgolf", "null"))
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable safetensors checkpoint ({exc})") from None
+    if not isinstance(meta, dict) or "model" not in meta:
+        raise InputError(f"{path}: no pgolf metadata (model params) in this safetensors file")
+    return tensors, meta
+
+
+def save_model(path: Path, model: GPT, meta: dict | None = None) -> None:
+    _save(path, model.state_dict(), {"model": dataclasses.asdict(model.p), **(meta or {})})
+
+
+def load_model(path: Path) -> tuple[GPT, dict]:
+    """Rebuild the network from a checkpoint's metadata and load its weights (strictly)."""
+    tensors, meta = _load(path)
+    model = GPT(ModelParams(**meta["model"]))
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        raise InputError(f"{path}: weights do not fit the recorded model params ({exc})") from None
+    return model, meta
+
+
+def save_state(path: Path, model: GPT, optimizers: list[torch.optim.Optimizer], meta: dict) -> None:
+    tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
+    for i, opt in enumerate(optimizers):
+        for p_index, state in opt.state_dict()["state"].items():
+            for name, value in state.items():
+                tensors[f"opt{i}/{p_index}/{name}"] = torch.as_tensor(value)
+    _save(path, tensors, {"model": dataclasses.asdict(model.p), **meta})
+
+
+def load_state(path: Path, model: GPT, optimizers: list[torch.optim.Optimizer]) -> dict:
+    """Restore weights and optimizer states saved by save_state; return the metadata."""
+    tensors, meta = _load(path)
+    if meta["model"] != dataclasses.asdict(model.p):
+        raise InputError(f"{path}: saved with other model params than params.yaml's; cannot resume")
+    model.load_state_dict({k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}, strict=True)
+    for i, opt in enumerate(optimizers):
+        state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith(f"opt{i}/"):
+                _, p_index, name = key.split("/")
+                state.setdefault(int(p_index), {})[name] = value
+        sd = opt.state_dict()
+        opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+    return meta

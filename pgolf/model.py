@@ -1,0 +1,147 @@
+"""The challenge's baseline GPT, every part configurable from params.yaml's `model` section.
+
+As in the official train_gpt.py: token embedding -> RMS norm -> blocks -> RMS norm -> (tied) head
+with a tanh logit soft-cap. Each block mixes its input with the embedding output x0 (resid_mix),
+then attention (GQA, q/k RMS norm, rotary, learnable per-head q gain) and a relu² MLP, each with a
+learnable per-channel output scale. The first half of the blocks (encoder) store their outputs;
+the second half (decoder) add them back in reverse order through learnable skip weights.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pgolf.params import ModelParams
+
+# Small control tensors: optimized with Adam, kept in float32, left unquantized by the baseline.
+CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights")
+
+
+class CastedLinear(nn.Linear):
+    """Float32 weights, cast to the activation dtype at matmul time (bf16 under autocast)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+class Rotary(nn.Module):
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), self.inv_freq.to(device))
+        return freqs.cos()[None, None].to(dtype), freqs.sin()[None, None].to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, kv_heads: int, rope_base: float, qk_gain_init: float):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.c_q = CastedLinear(dim, dim, bias=False)
+        self.c_k = CastedLinear(dim, kv_heads * self.head_dim, bias=False)
+        self.c_v = CastedLinear(dim, kv_heads * self.head_dim, bias=False)
+        self.proj = CastedLinear(dim, dim, bias=False)
+        self.proj._zero_init = True
+        self.q_gain = nn.Parameter(torch.full((heads,), qk_gain_init, dtype=torch.float32))
+        self.rotary = Rotary(self.head_dim, rope_base)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q = self.c_q(x).reshape(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.c_k(x).reshape(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.c_v(x).reshape(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
+        cos, sin = self.rotary(t, x.device, q.dtype)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q = q * self.q_gain.to(q.dtype)[None, :, None, None]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, mult: int):
+        super().__init__()
+        self.fc = CastedLinear(dim, mult * dim, bias=False)
+        self.proj = CastedLinear(mult * dim, dim, bias=False)
+        self.proj._zero_init = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(torch.relu(self.fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, p: ModelParams):
+        super().__init__()
+        self.attn = Attention(p.dim, p.heads, p.kv_heads, p.rope_base, p.qk_gain_init)
+        self.mlp = MLP(p.dim, p.mlp_mult)
+        self.attn_scale = nn.Parameter(torch.ones(p.dim))
+        self.mlp_scale = nn.Parameter(torch.ones(p.dim))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(p.dim), torch.zeros(p.dim))))
+
+    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.attn_scale.to(x.dtype) * self.attn(F.rms_norm(x, (x.size(-1),)))
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(F.rms_norm(x, (x.size(-1),)))
+
+
+class GPT(nn.Module):
+    def __init__(self, p: ModelParams):
+        super().__init__()
+        self.p = p
+        self.tok_emb = nn.Embedding(p.vocab_size, p.dim)
+        self.n_encoder = p.layers // 2
+        self.n_decoder = p.layers - self.n_encoder
+        self.skip_weights = nn.Parameter(torch.ones(min(self.n_encoder, self.n_decoder), p.dim))
+        self.blocks = nn.ModuleList(Block(p) for _ in range(p.layers))
+        self.lm_head = None if p.tie_embeddings else CastedLinear(p.dim, p.vocab_size, bias=False)
+        if self.lm_head is not None:
+            self.lm_head._zero_init = True
+        if p.tie_embeddings:
+            nn.init.normal_(self.tok_emb.weight, mean=0.0, std=p.tied_embed_init_std)
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and getattr(module, "_zero_init", False):
+                nn.init.zeros_(module.weight)
+
+    def logits(self, idx: Tensor) -> Tensor:
+        """Soft-capped next-token logits [batch, seq, vocab] for input ids [batch, seq]."""
+        x = F.rms_norm(self.tok_emb(idx), (self.p.dim,))
+        x0, skips = x, []
+        for block in self.blocks[: self.n_encoder]:
+            x = block(x, x0)
+            skips.append(x)
+        for i, block in enumerate(self.blocks[self.n_encoder :]):
+            if skips:
+                x = x + self.skip_weights[i].to(x.dtype) * skips.pop()
+            x = block(x, x0)
+        x = F.rms_norm(x, (self.p.dim,))
+        head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(x, head.to(x.dtype))
+        cap = self.p.logit_softcap
+        return cap * torch.tanh(logits / cap)
+
+    def forward(self, idx: Tensor, targets: Tensor) -> Tensor:
+        """Mean next-token cross-entropy (nats), computed in float32."""
+        logits = self.logits(idx)
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The baseline's optimizer split: Muon for block matrices, Adam for the rest."""
+        named = list(self.blocks.named_parameters())
+        control = lambda name, p: p.ndim < 2 or any(c in name for c in CONTROL_PATTERNS)  # noqa: E731
+        groups = {
+            "matrix": [p for n, p in named if not control(n, p)],
+            "scalar": [p for n, p in named if control(n, p)] + ([self.skip_weights] if self.skip_weights.numel() else []),
+            "embed": [self.tok_emb.weight],
+            "head": [] if self.lm_head is None else [self.lm_head.weight],
+        }
+        return groups

@@ -1,0 +1,202 @@
+"""The training loop of the official baseline: Muon + Adam, LR warm-down, a wallclock budget.
+
+One call trains on this process's share of every global batch. Gradient accumulation keeps the
+global batch the same for any process count; the wallclock decision is shared by all processes.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from pgolf import checkpoint
+from pgolf.distributed import Dist, all_reduce
+from pgolf.errors import InputError, TrainingDiverged
+from pgolf.evaluate import autocast
+from pgolf.loader import TrainLoader
+from pgolf.model import GPT
+from pgolf.muon import Muon
+from pgolf.params import ModelParams, TrainParams
+
+
+@dataclass
+class Run:
+    """What the loop hands back, and what a resumable checkpoint stores besides tensors."""
+
+    step: int = 0
+    train_ms: float = 0.0  # training time, without evaluation or compile warm-up
+    stopped_by: str = "iterations"
+    curve: list[list[float]] = field(default_factory=list)  # [step, train_loss, lr_scale, train_ms]
+    loader: dict = field(default_factory=lambda: {"file": 0, "pos": 0})
+
+    @property
+    def train_loss(self) -> float:
+        return self.curve[-1][1] if self.curve else math.nan
+
+
+def build(p: ModelParams, seed: int, device: torch.device) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(p).to(device)
+
+
+def optimizers(model: GPT, t: TrainParams, device: torch.device) -> list[torch.optim.Optimizer]:
+    """The baseline's split: Adam for the embedding (and untied head) and scalars, Muon for block matrices."""
+    groups = model.param_groups()
+    fused = device.type == "cuda"
+
+    def adam(params: list, lr: float) -> torch.optim.Adam:
+        return torch.optim.Adam([{"params": params, "lr": lr, "base_lr": lr}], betas=(t.beta1, t.beta2), eps=t.adam_eps, fused=fused)
+
+    embed_lr = t.tied_embed_lr if model.p.tie_embeddings else t.embed_lr
+    opts: list[torch.optim.Optimizer] = [adam(groups["embed"], embed_lr)]
+    if groups["head"]:
+        opts.append(adam(groups["head"], t.head_lr))
+    muon = Muon(groups["matrix"], lr=t.matrix_lr, momentum=t.muon_momentum, backend_steps=t.muon_backend_steps)
+    for group in muon.param_groups:
+        group["base_lr"] = t.matrix_lr
+    opts += [muon, adam(groups["scalar"], t.scalar_lr)]
+    return opts
+
+
+def lr_scale(t: TrainParams, step: int, elapsed_ms: float) -> float:
+    """1, then a linear decay to 0 over the last warmdown_iters steps (of the time budget when one is set)."""
+    if t.warmdown_iters <= 0:
+        return 1.0
+    if t.max_seconds <= 0:
+        start = max(t.iterations - t.warmdown_iters, 0)
+        return max((t.iterations - step) / t.warmdown_iters, 0.0) if start <= step < t.iterations else 1.0
+    warmdown_ms = t.warmdown_iters * elapsed_ms / max(step, 1)
+    remaining_ms = max(1000 * t.max_seconds - elapsed_ms, 0.0)
+    return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    return sorted(Path(run_dir).glob("step_*.safetensors"))
+
+
+def train(
+    model: GPT,
+    t: TrainParams,
+    d: Dist,
+    shards_dir: Path,
+    run_dir: Path,
+    on_step: Callable[[Run], None] | None = None,
+) -> Run:
+    """Train `model` in place; return where the loop ended, with its loss curve."""
+    if t.grad_accum % d.world:
+        raise InputError(f"params.yaml: train.grad_accum ({t.grad_accum}) must be a multiple of the {d.world} processes")
+    accum = t.grad_accum // d.world
+    local_tokens = t.batch_tokens // t.grad_accum
+    opts = optimizers(model, t, d.device)
+    muon = next(o for o in opts if isinstance(o, Muon))
+    net: torch.nn.Module = model
+    if d.device.type == "cuda" and t.compile:
+        net = torch.compile(model, dynamic=False, fullgraph=True)
+    if d.distributed:
+        net = DDP(net, device_ids=[d.device.index] if d.device.type == "cuda" else None, broadcast_buffers=False)
+    loader = TrainLoader(shards_dir, d.rank, d.world, d.device)
+
+    def step_once(scale: float, momentum: float) -> torch.Tensor:
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=d.device)
+        for micro in range(accum):
+            if d.distributed:
+                net.require_backward_grad_sync = micro == accum - 1  # all-reduce once per step
+            x, y = loader.next_batch(local_tokens, t.seq_len)
+            with autocast(d.device):
+                loss = net(x, y)
+            loss_sum += loss.detach()
+            (loss / accum).backward()
+        for group in muon.param_groups:
+            group["momentum"] = momentum
+        for opt in opts:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * scale
+        if t.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip_norm)
+        for opt in opts:
+            opt.step()
+        return all_reduce(loss_sum / accum) / d.world
+
+    run = Run()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved = checkpoints(run_dir)
+    if t.resume and saved:
+        meta = checkpoint.load_state(saved[-1], model, opts)
+        run = Run(**meta["run"])
+        loader.stream.restore(run.loader)
+        _log(d, f"train: resuming from {saved[-1]} at step {run.step}")
+    elif d.main:
+        for old in saved:  # a fresh run: stale checkpoints must not be resumed later
+            old.unlink()
+    if t.warmup_steps and not run.step:
+        # Prime compiled paths, then restore the initial state so that timing starts from the true init.
+        initial = copy.deepcopy(model.state_dict()), [copy.deepcopy(o.state_dict()) for o in opts]
+        for _ in range(t.warmup_steps):
+            step_once(1.0, t.muon_momentum_warmup_start)
+        model.load_state_dict(initial[0])
+        for opt, state in zip(opts, initial[1]):
+            opt.load_state_dict(state)
+        loader.stream.restore({"file": 0, "pos": 0})
+
+    _sync(d)
+    t0 = time.perf_counter()
+    base_ms = run.train_ms
+    while run.step < t.iterations:
+        elapsed = base_ms + 1000 * (time.perf_counter() - t0)
+        scale = lr_scale(t, run.step, elapsed)
+        frac = min(run.step / t.muon_momentum_warmup_steps, 1.0) if t.muon_momentum_warmup_steps > 0 else 1.0
+        loss = step_once(scale, (1 - frac) * t.muon_momentum_warmup_start + frac * t.muon_momentum).item()
+        run.step += 1
+        run.train_ms = base_ms + 1000 * (time.perf_counter() - t0)
+        run.curve.append([run.step, loss, scale, round(run.train_ms, 1)])
+        run.loader = loader.stream.state()
+        if not math.isfinite(loss):
+            last = checkpoints(run_dir)
+            raise TrainingDiverged(
+                f"train: the loss is {loss} at step {run.step}; last good checkpoint: "
+                + (f"{last[-1]} (resume with train.resume: true)" if last else "none (train.checkpoint_every is 0 or not reached)")
+            )
+        if t.max_seconds > 0:
+            over = torch.tensor(float(run.train_ms >= 1000 * t.max_seconds), device=d.device)
+            if all_reduce(over, "max").item():
+                run.stopped_by = "time"
+        if d.main and t.log_every and (run.step % t.log_every == 0 or run.step == 1):
+            _log_step(d, run, t)
+        if t.checkpoint_every and run.step % t.checkpoint_every == 0 and d.main:
+            checkpoint.save_state(run_dir / f"step_{run.step:06d}.safetensors", model, opts, {"run": run.__dict__})
+        if on_step is not None:
+            on_step(run)
+        if run.stopped_by == "time":
+            break
+    return run
+
+
+def _sync(d: Dist) -> None:
+    if d.device.type == "cuda":
+        torch.cuda.synchronize(d.device)
+
+
+def _log(d: Dist, msg: str) -> None:
+    if d.main:
+        print(msg, flush=True)
+
+
+def _log_step(d: Dist, run: Run, t: TrainParams) -> None:
+    ms = run.train_ms / run.step
+    left = (t.iterations - run.step) * ms
+    if t.max_seconds > 0:
+        left = min(left, 1000 * t.max_seconds - run.train_ms)
+    eta = int(max(left, 0) / 1000)
+    _log(
+        d,
+        f"train: step {run.step}/{t.iterations} loss {run.train_loss:.4f} lr x{run.curve[-1][2]:.3f} | "
+        f"{ms:.0f} ms/step, {t.batch_tokens / ms * 1000:,.0f} tok/s | ETA {eta // 60}:{eta % 60:02d}",
+    )

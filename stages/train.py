@@ -1,0 +1,91 @@
+"""Stage 2: train shards -> float checkpoint, training curve, pre-quantization validation score.
+
+python -m stages.train                    one process: CPU, or one GPU
+PGOLF_NPROC=8 python -m stages.train      relaunches itself under torchrun with 8 processes (NCCL on
+                                          GPUs, gloo on CPU); `PGOLF_NPROC=8 dvc repro` does the same
+Reads params.yaml: model, train, seed. The process count is no param: it changes no result.
+"""
+import csv
+import io
+import os
+import subprocess
+import sys
+import time
+
+from pgolf import checkpoint, distributed, params, tokenizer, trainer
+from pgolf.bpb import ByteTables
+from pgolf.errors import InputError, run_stage
+from pgolf.evaluate import evaluate
+from pgolf.files import sha256_file, write_bytes, write_json
+from pgolf.layout import CHECKPOINT, METRICS, SHARDS, TOKENIZER, TRAIN_RUN
+from pgolf.loader import validation_tokens
+from pgolf.params import ModelParams, TrainParams
+
+
+def relaunch_under_torchrun() -> bool:
+    nproc = int(os.environ.get("PGOLF_NPROC", "1"))
+    if nproc <= 1 or "RANK" in os.environ:
+        return False
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "stages.train"]
+    sys.exit(subprocess.call(cmd))
+
+
+def main() -> None:
+    relaunch_under_torchrun()
+    p = params.load()
+    model_p = params.section(p, "model", ModelParams)
+    train_p = params.section(p, "train", TrainParams)
+    seed = params.scalar(p, "seed", int)
+    vocab = tokenizer.load(TOKENIZER).vocab_size()
+    if vocab > model_p.vocab_size:
+        raise InputError(f"params.yaml: model.vocab_size is {model_p.vocab_size} but {TOKENIZER} has {vocab} tokens")
+    d = distributed.setup()
+    try:
+        model = trainer.build(model_p, seed, d.device)
+        n_params = sum(t.numel() for t in model.parameters())
+        if d.main:
+            print(f"train: {n_params:,} parameters, {d.world} process(es) on {d.device.type}, seed {seed}")
+        run = trainer.train(model, train_p, d, SHARDS, TRAIN_RUN)
+        t = time.perf_counter()
+        val = validation_tokens(SHARDS, train_p.seq_len, train_p.val_tokens)
+        tables = ByteTables.from_sentencepiece(TOKENIZER, model_p.vocab_size)
+        val_loss, val_bpb = evaluate(model, val, train_p.seq_len, train_p.val_batch_seqs, tables, d)
+        eval_s = time.perf_counter() - t
+    finally:
+        distributed.teardown()
+    if not d.main:
+        return
+    meta = {"step": run.step, "seed": seed, "val_bpb": val_bpb, "tokenizer_sha256": sha256_file(TOKENIZER)}
+    checkpoint.save_model(CHECKPOINT, model, meta)
+    curve = io.StringIO()
+    writer = csv.writer(curve, lineterminator="\n")
+    writer.writerow(["step", "train_loss", "lr_scale", "train_ms"])
+    writer.writerows(run.curve)
+    write_bytes(METRICS / "train_curve.csv", curve.getvalue().encode())
+    ms = run.train_ms / max(run.step, 1)
+    write_json(
+        METRICS / "train.json",
+        {
+            "params": n_params,
+            "steps": run.step,
+            "stopped_by": run.stopped_by,
+            "ms_per_step": round(ms, 2),
+            "tokens_per_s": round(train_p.batch_tokens / ms * 1000, 1),
+            "train_seconds": round(run.train_ms / 1000, 2),
+            "train_loss": round(run.train_loss, 6),
+            "val_loss": round(val_loss, 6),
+            "val_bpb": round(val_bpb, 6),
+            "val_tokens": len(val) - 1,
+            "eval_seconds": round(eval_s, 2),
+            "processes": d.world,
+            "device": d.device.type,
+        },
+    )
+    print(
+        f"train: {run.step} steps ({run.stopped_by}) in {run.train_ms / 1000:.1f}s, {ms:.0f} ms/step; "
+        f"train_loss {run.train_loss:.4f}, val_loss {val_loss:.4f}, val_bpb {val_bpb:.4f} -> {CHECKPOINT}"
+    )
+
+
+if __name__ == "__main__":
+    run_stage(main)
