@@ -24,7 +24,7 @@ import tempfile  # noqa: E402
 
 import torch  # noqa: E402
 
-from pgolf import params, trainer  # noqa: E402
+from pgolf import checkpoint, params, trainer  # noqa: E402
 from pgolf.bpb import ByteTables  # noqa: E402
 from pgolf.dataset import export_docs  # noqa: E402
 from pgolf.distributed import Dist  # noqa: E402
@@ -37,6 +37,27 @@ OFFICIAL_CPU_VAL_BPB = {1337: 2.444, 42: 2.458}  # measured by the issue's autho
 SHAPE = dict(layers=4, dim=128, heads=4, kv_heads=2, mlp_mult=2, vocab_size=1024, tie_embeddings=True)
 
 
+CACHE = REPO / "runs" / "bench"  # untracked: the trained comparison model, reused by bench/quant.py
+
+
+def comparison_params(steps: int) -> tuple[ModelParams, TrainParams]:
+    p = params.load(REPO / "params.yaml")
+    model_p = dataclasses.replace(params.section(p, "model", ModelParams), **SHAPE)
+    train_p = dataclasses.replace(
+        params.section(p, "train", TrainParams),
+        seq_len=256, batch_tokens=8192, grad_accum=8, iterations=steps, warmdown_iters=60, max_seconds=0,
+        warmup_steps=0, log_every=50, checkpoint_every=0, resume=False, val_tokens=262_144,
+    )
+    return model_p, train_p
+
+
+def comparison_data(fineweb: Path, out: Path) -> Path:
+    """Shards of the set-up: validation = the 450 val_head documents, training = extra_docs."""
+    files = [DocFile(fineweb / "val_head_docs.jsonl", "jsonl"), DocFile(fineweb / "extra_docs.jsonl", "jsonl")]
+    export_docs(DocReader(files), fineweb / "tokenizers" / "fineweb_1024_bpe.model", out / "shards", out / "docs.parquet", 450, 10**8, workers=1)
+    return out / "shards"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fineweb", type=Path, default=Path(os.environ.get("PGOLF_FINEWEB_DIR", REPO.parent / "shared" / "data" / "fineweb")))
@@ -45,27 +66,20 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "train.json")
     args = ap.parse_args()
 
-    p = params.load(REPO / "params.yaml")
-    model_p = dataclasses.replace(params.section(p, "model", ModelParams), **SHAPE)
-    train_p = dataclasses.replace(
-        params.section(p, "train", TrainParams),
-        seq_len=256, batch_tokens=8192, grad_accum=8, iterations=args.steps, warmdown_iters=60, max_seconds=0,
-        warmup_steps=0, log_every=50, checkpoint_every=0, resume=False, val_tokens=262_144,
-    )
+    model_p, train_p = comparison_params(args.steps)
     model_file = args.fineweb / "tokenizers" / "fineweb_1024_bpe.model"
     d = Dist(0, 1, torch.device("cpu"))
     results = {"machine": {"cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()},
                "setup": {"model": SHAPE, "seq_len": 256, "batch_tokens": 8192, "steps": args.steps, "warmdown": 60}, "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
-        shards_dir = Path(tmp) / "shards"
-        files = [DocFile(args.fineweb / "val_head_docs.jsonl", "jsonl"), DocFile(args.fineweb / "extra_docs.jsonl", "jsonl")]
-        export_docs(DocReader(files), model_file, shards_dir, Path(tmp) / "docs.parquet", 450, 10**8, workers=1)
+        shards_dir = comparison_data(args.fineweb, Path(tmp))
         val = validation_tokens(shards_dir, 256, 262_144)
         tables = ByteTables.from_sentencepiece(model_file)
         for seed in args.seeds:
             model = trainer.build(model_p, seed, d.device)
             run = trainer.train(model, train_p, d, shards_dir, Path(tmp) / f"run{seed}")
             val_loss, val_bpb = evaluate(model, val, 256, 64, tables, d)
+            checkpoint.save_model(CACHE / f"model_{seed}_{args.steps}.safetensors", model, {"val_bpb": val_bpb})
             ms = run.train_ms / run.step
             row = {"seed": seed, "steps": run.step, "ms_per_step": round(ms, 1), "tokens_per_s": round(8192 / ms * 1000, 1),
                    "train_loss": round(run.train_loss, 4), "val_loss": round(val_loss, 4), "val_bpb": round(val_bpb, 4),

@@ -19,13 +19,15 @@ from pgolf.model import GPT
 from pgolf.params import ModelParams
 
 
-def _save(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Write tensors and JSON metadata whole (temporary file, then rename)."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with staged(Path(path)) as (tmp,):
         save_file(tensors, str(tmp), metadata={"pgolf": json.dumps(meta)})
 
 
-def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and pgolf metadata of a safetensors file written by pgolf; errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: checkpoint not found")
@@ -41,12 +43,12 @@ def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def save_model(path: Path, model: GPT, meta: dict | None = None) -> None:
-    _save(path, model.state_dict(), {"model": dataclasses.asdict(model.p), **(meta or {})})
+    write_safetensors(path, model.state_dict(), {"model": dataclasses.asdict(model.p), **(meta or {})})
 
 
 def load_model(path: Path) -> tuple[GPT, dict]:
     """Rebuild the network from a checkpoint's metadata and load its weights (strictly)."""
-    tensors, meta = _load(path)
+    tensors, meta = read_safetensors(path)
     model = GPT(ModelParams(**meta["model"]))
     try:
         model.load_state_dict(tensors, strict=True)
@@ -61,12 +63,12 @@ def save_state(path: Path, model: GPT, optimizers: list[torch.optim.Optimizer], 
         for p_index, state in opt.state_dict()["state"].items():
             for name, value in state.items():
                 tensors[f"opt{i}/{p_index}/{name}"] = torch.as_tensor(value)
-    _save(path, tensors, {"model": dataclasses.asdict(model.p), **meta})
+    write_safetensors(path, tensors, {"model": dataclasses.asdict(model.p), **meta})
 
 
 def load_state(path: Path, model: GPT, optimizers: list[torch.optim.Optimizer]) -> dict:
     """Restore weights and optimizer states saved by save_state; return the metadata."""
-    tensors, meta = _load(path)
+    tensors, meta = read_safetensors(path)
     if meta["model"] != dataclasses.asdict(model.p):
         raise InputError(f"{path}: saved with other model params than params.yaml's; cannot resume")
     model.load_state_dict({k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}, strict=True)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -46,3 +48,11 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
     return t
+
+
+def relaunch_under_torchrun(module: str) -> None:
+    """With PGOLF_NPROC=N > 1 outside torchrun, rerun `python -m module` as N torchrun processes and exit."""
+    nproc = int(os.environ.get("PGOLF_NPROC", "1"))
+    if nproc > 1 and "RANK" not in os.environ:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module]
+        sys.exit(subprocess.call(cmd))

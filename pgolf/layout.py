@@ -13,3 +13,6 @@ ARTIFACTS = Path("artifacts")
 CHECKPOINT = ARTIFACTS / "model.safetensors"  # the float checkpoint from train
 RUNS = Path("runs")  # untracked: resumable checkpoints of interrupted runs
 TRAIN_RUN = RUNS / "train"
+QUANTIZED = ARTIFACTS / "quant.safetensors"  # integer codes + scales from calibrate
+ARTIFACT = ARTIFACTS / "model.pgolf"  # what would be submitted: code is counted beside it
+LOADER_MODULE = Path("pgolf/artifact.py")  # the loader; it and every pgolf module it imports are counted

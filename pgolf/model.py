@@ -112,8 +112,8 @@ class GPT(nn.Module):
             if isinstance(module, nn.Linear) and getattr(module, "_zero_init", False):
                 nn.init.zeros_(module.weight)
 
-    def logits(self, idx: Tensor) -> Tensor:
-        """Soft-capped next-token logits [batch, seq, vocab] for input ids [batch, seq]."""
+    def hidden(self, idx: Tensor) -> Tensor:
+        """The final RMS-normed hidden states [batch, seq, dim]: the output head's input."""
         x = F.rms_norm(self.tok_emb(idx), (self.p.dim,))
         x0, skips = x, []
         for block in self.blocks[: self.n_encoder]:
@@ -123,9 +123,15 @@ class GPT(nn.Module):
             if skips:
                 x = x + self.skip_weights[i].to(x.dtype) * skips.pop()
             x = block(x, x0)
-        x = F.rms_norm(x, (self.p.dim,))
-        head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(x, head.to(x.dtype))
+        return F.rms_norm(x, (self.p.dim,))
+
+    def head_weight(self) -> Tensor:
+        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+
+    def logits(self, idx: Tensor) -> Tensor:
+        """Soft-capped next-token logits [batch, seq, vocab] for input ids [batch, seq]."""
+        x = self.hidden(idx)
+        logits = F.linear(x, self.head_weight().to(x.dtype))
         cap = self.p.logit_softcap
         return cap * torch.tanh(logits / cap)
 

@@ -129,6 +129,47 @@ class TrainParams:
             raise InputError("params.yaml: train.max_seconds must be 0 (no limit) or positive")
 
 
+@dataclasses.dataclass(frozen=True)
+class QuantBits:
+    attn: int  # attention matrices (q, k, v, output projection)
+    mlp: int  # MLP matrices
+    embed: int  # token embedding (and an untied output head)
+
+    def __post_init__(self) -> None:
+        for key in ("attn", "mlp", "embed"):
+            if not 2 <= getattr(self, key) <= 8:
+                raise InputError(f"params.yaml: quant.bits.{key} is {getattr(self, key)}; use 2..8")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantParams:
+    method: str  # gptq | rtn
+    bits: QuantBits
+    calib_seqs: int  # calibration sequences from the train shards (never validation)
+    seq_len: int  # tokens per calibration sequence
+    damp: float  # Hessian damping, a fraction of its mean diagonal
+    act_order: bool  # quantize columns in order of decreasing Hessian diagonal
+    block_size: int  # columns per lazy GPTQ update block
+
+    def __post_init__(self) -> None:
+        if self.method not in ("gptq", "rtn"):
+            raise InputError(f"params.yaml: quant.method is {self.method!r}; use gptq or rtn")
+        if self.calib_seqs < 1 or self.seq_len < 1 or self.block_size < 1:
+            raise InputError("params.yaml: quant.calib_seqs, quant.seq_len and quant.block_size must be positive")
+        if not 0 <= self.damp < 1:
+            raise InputError("params.yaml: quant.damp must be in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class PackParams:
+    level: int  # zstd level
+    byte_limit: int  # the challenge's cap on code + compressed weights
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.level <= 22:
+            raise InputError(f"params.yaml: pack.level is {self.level}; zstd levels are 1..22")
+
+
 def load(path: Path = PARAMS_FILE) -> dict[str, Any]:
     """The whole params file as a dict."""
     path = Path(path)
@@ -154,22 +195,28 @@ def scalar(params: dict[str, Any], name: str, kind: type[T], path: Path = PARAMS
 
 def section(params: dict[str, Any], name: str, cls: type[T], path: Path = PARAMS_FILE) -> T:
     """Build dataclass `cls` from section `name`, naming the key of any mistake."""
-    raw = params.get(name)
+    return _build(cls, params.get(name), name, path)
+
+
+def _build(cls: type[T], raw: Any, prefix: str, path: Path) -> T:
     if not isinstance(raw, dict):
-        raise InputError(f"{path}: section '{name}' is missing or not a mapping")
+        raise InputError(f"{path}: section '{prefix}' is missing or not a mapping")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise InputError(f"{path}: unknown key {name}.{unknown[0]} (known: {', '.join(fields)})")
+        raise InputError(f"{path}: unknown key {prefix}.{unknown[0]} (known: {', '.join(fields)})")
     hints = typing.get_type_hints(cls)
     values = {}
     for key, field in fields.items():
         if key not in raw:
             if field.default is not dataclasses.MISSING:
                 continue
-            raise InputError(f"{path}: missing key {name}.{key}")
+            raise InputError(f"{path}: missing key {prefix}.{key}")
+        if dataclasses.is_dataclass(hints[key]):
+            values[key] = _build(hints[key], raw[key], f"{prefix}.{key}", path)
+            continue
         if not _matches(raw[key], hints[key]):
-            raise InputError(f"{path}: {name}.{key} is {raw[key]!r}; expected {_describe(hints[key])}")
+            raise InputError(f"{path}: {prefix}.{key} is {raw[key]!r}; expected {_describe(hints[key])}")
         values[key] = raw[key]
     return cls(**values)
 

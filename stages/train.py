@@ -7,9 +7,6 @@ Reads params.yaml: model, train, seed. The process count is no param: it changes
 """
 import csv
 import io
-import os
-import subprocess
-import sys
 import time
 
 from pgolf import checkpoint, distributed, params, tokenizer, trainer
@@ -22,16 +19,8 @@ from pgolf.loader import validation_tokens
 from pgolf.params import ModelParams, TrainParams
 
 
-def relaunch_under_torchrun() -> bool:
-    nproc = int(os.environ.get("PGOLF_NPROC", "1"))
-    if nproc <= 1 or "RANK" in os.environ:
-        return False
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "stages.train"]
-    sys.exit(subprocess.call(cmd))
-
-
 def main() -> None:
-    relaunch_under_torchrun()
+    distributed.relaunch_under_torchrun("stages.train")
     p = params.load()
     model_p = params.section(p, "model", ModelParams)
     train_p = params.section(p, "train", TrainParams)

@@ -1,0 +1,87 @@
+"""Quantization penalty: GPTQ against RTN at 4, 5 and 6 bits on the trained demo model.
+
+python bench/quant.py [--fineweb DIR] [--bits 4 5 6]
+
+The model is bench/train.py's comparison model (seed 1337, 300 steps on the shared FineWeb sample),
+taken from runs/bench/ when bench/train.py has left it there, else trained first (about 4 minutes on
+2 cores). Two settings per bit width: the block matrices (attn, mlp) at that width with the tied
+embedding at 8 bits (the default split), and every class at that width. Calibration: 64 x 256 train
+tokens; the penalty is val_bpb after minus before on the first 262,144 validation tokens
+(non-overlapping windows). Saves bench/results/quant.json.
+"""
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[0] = str(REPO)  # bench/tokenize.py would shadow the standard library's tokenize
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+from bench.train import CACHE, comparison_data, comparison_params  # noqa: E402
+from pgolf import checkpoint, params, quantize, trainer  # noqa: E402
+from pgolf.bpb import ByteTables  # noqa: E402
+from pgolf.distributed import Dist  # noqa: E402
+from pgolf.evaluate import evaluate  # noqa: E402
+from pgolf.loader import TokenStream, validation_tokens  # noqa: E402
+from pgolf.params import QuantBits, QuantParams  # noqa: E402
+from pgolf import shards  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--fineweb", type=Path, default=Path(os.environ.get("PGOLF_FINEWEB_DIR", REPO.parent / "shared" / "data" / "fineweb")))
+    ap.add_argument("--bits", type=int, nargs="+", default=[4, 5, 6])
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quant.json")
+    args = ap.parse_args()
+    d = Dist(0, 1, torch.device("cpu"))
+    cached = CACHE / "model_1337_300.safetensors"
+    base_q = params.section(params.load(REPO / "params.yaml"), "quant", QuantParams)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        shards_dir = comparison_data(args.fineweb, Path(tmp))
+        if cached.is_file():
+            model, _ = checkpoint.load_model(cached)
+        else:
+            model_p, train_p = comparison_params(300)
+            model = trainer.build(model_p, 1337, d.device)
+            trainer.train(model, train_p, d, shards_dir, Path(tmp) / "run")
+            checkpoint.save_model(cached, model)
+        tables = ByteTables.from_sentencepiece(args.fineweb / "tokenizers" / "fineweb_1024_bpe.model")
+        val = validation_tokens(shards_dir, 256, 262_144)
+        _, float_bpb = evaluate(model, val, 256, 64, tables, d)
+        calib = TokenStream(shards.list_shards(shards_dir, "train")).take(base_q.calib_seqs * base_q.seq_len)
+        hessians = quantize.collect_hessians(model, calib.reshape(base_q.calib_seqs, base_q.seq_len))
+        print(f"float model val_bpb {float_bpb:.4f}")
+        for setting in ("embed 8", "all"):
+            for bits in args.bits:
+                for method in ("rtn", "gptq"):
+                    q = dataclasses.replace(base_q, method=method, bits=QuantBits(bits, bits, 8 if setting == "embed 8" else bits))
+                    t = time.perf_counter()
+                    tensors, meta = quantize.quantize_model(model, hessians, q)
+                    seconds = time.perf_counter() - t
+                    _, bpb = evaluate(quantize.dequantized(tensors, meta), val, 256, 64, tables, d)
+                    rows.append({"setting": setting, "bits": bits, "method": method, "val_bpb": round(bpb, 5),
+                                 "penalty": round(bpb - float_bpb, 5), "seconds": round(seconds, 2)})
+    print(f"{'setting':>8} {'bits':>4} {'method':>6} {'val_bpb':>8} {'penalty':>8} {'seconds':>7}")
+    for r in rows:
+        print(f"{r['setting']:>8} {r['bits']:>4} {r['method']:>6} {r['val_bpb']:>8.4f} {r['penalty']:>+8.4f} {r['seconds']:>7.2f}")
+    ratios = {}
+    for setting in ("embed 8", "all"):
+        for bits in args.bits:
+            pen = {r["method"]: r["penalty"] for r in rows if r["bits"] == bits and r["setting"] == setting}
+            ratios[f"{setting}, {bits} bits"] = round(pen["gptq"] / pen["rtn"], 3) if pen["rtn"] > 0 else None
+            print(f"{setting:>8}, {bits} bits: GPTQ penalty / RTN penalty = {ratios[f'{setting}, {bits} bits']}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"float_val_bpb": round(float_bpb, 5), "rows": rows, "gptq_over_rtn": ratios}, indent=2) + "\n")
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Stage 3: float checkpoint + train shards -> quantized weights (integer codes + scales).
+
+python -m stages.calibrate    (PGOLF_NPROC=N: N torchrun processes share the Hessians and the matrices)
+Reads params.yaml: quant. Calibration tokens come from the train shards only, never validation.
+"""
+import time
+
+import numpy as np
+
+from pgolf import checkpoint, distributed, params, quantize, shards
+from pgolf.errors import run_stage
+from pgolf.files import write_json
+from pgolf.layout import CHECKPOINT, METRICS, QUANTIZED, SHARDS
+from pgolf.loader import TokenStream
+from pgolf.params import QuantParams
+
+
+def main() -> None:
+    distributed.relaunch_under_torchrun("stages.calibrate")
+    q = params.section(params.load(), "quant", QuantParams)
+    d = distributed.setup()
+    try:
+        model, _ = checkpoint.load_model(CHECKPOINT)
+        model.to(d.device).eval()
+        n_tokens = q.calib_seqs * q.seq_len
+        calib = TokenStream(shards.list_shards(SHARDS, "train")).take(n_tokens).reshape(q.calib_seqs, q.seq_len)
+        t = time.perf_counter()
+        hessians = quantize.collect_hessians(model, calib[d.rank :: d.world])
+        tensors, meta = quantize.quantize_model(model, hessians, q)
+        seconds = time.perf_counter() - t
+    finally:
+        distributed.teardown()
+    if not d.main:
+        return
+    meta["calibration"] = {"split": "train", "first_tokens": n_tokens, "seqs": q.calib_seqs, "seq_len": q.seq_len}
+    checkpoint.write_safetensors(QUANTIZED, tensors, meta)
+    per_tensor = meta["tensors"]
+    by_class = {
+        cls: round(float(np.mean([t["h_error"] for t in per_tensor.values() if t["class"] == cls])), 6)
+        for cls in sorted({t["class"] for t in per_tensor.values()})
+    }
+    write_json(
+        METRICS / "quant.json",
+        {
+            "method": q.method,
+            "bits": {"attn": q.bits.attn, "mlp": q.bits.mlp, "embed": q.bits.embed},
+            "calib_tokens": n_tokens,
+            "seconds": round(seconds, 2),
+            "h_error_by_class": by_class,
+            "tensors": {name: {"bits": t["bits"], "method": t["method"], "h_error": round(t["h_error"], 8)} for name, t in per_tensor.items()},
+        },
+    )
+    print(f"calibrate: {len(per_tensor)} matrices, {q.method}, relative H-weighted error by class {by_class}, {seconds:.1f}s -> {QUANTIZED}")
+
+
+if __name__ == "__main__":
+    run_stage(main)
