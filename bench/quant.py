@@ -56,8 +56,9 @@ def main() -> None:
         tables = ByteTables.from_sentencepiece(args.fineweb / "tokenizers" / "fineweb_1024_bpe.model")
         val = validation_tokens(shards_dir, 256, 262_144)
         _, float_bpb = evaluate(model, val, 256, 64, tables, d)
-        calib = TokenStream(shards.list_shards(shards_dir, "train")).take(base_q.calib_seqs * base_q.seq_len)
-        hessians = quantize.collect_hessians(model, calib.reshape(base_q.calib_seqs, base_q.seq_len))
+        n, seq = base_q.calib_seqs, base_q.seq_len
+        calib = TokenStream(shards.list_shards(shards_dir, "train")).take(n * seq + 1)
+        hessians = quantize.collect_hessians(model, calib[:-1].reshape(n, seq), calib[1:].reshape(n, seq))
         print(f"float model val_bpb {float_bpb:.4f}")
         for setting in ("embed 8", "all"):
             for bits in args.bits:

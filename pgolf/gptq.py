@@ -29,8 +29,12 @@ def codes_for(w: Tensor, scale: Tensor, bits: int) -> Tensor:
 
 
 def h_error(err: Tensor, H: Tensor | None) -> Tensor:
-    """Per-row rounding error e H eᵀ (plain squared error without H)."""
-    return (err * err).sum(1) if H is None else ((err @ H) * err).sum(1)
+    """Per-row error e H eᵀ: H shared [cols, cols], per row [rows, cols, cols], or None (squared error)."""
+    if H is None:
+        return (err * err).sum(1)
+    if H.ndim == 3:
+        return torch.einsum("rc,rcd,rd->r", err, H, err)
+    return ((err @ H) * err).sum(1)
 
 
 def row_scales(w: Tensor, bits: int, H: Tensor | None = None) -> Tensor:
@@ -116,6 +120,37 @@ def gptq(w: Tensor, H: Tensor, bits: int, damp: float = 0.01, block_size: int = 
 def gptq_reference(w: Tensor, H: Tensor, bits: int, damp: float = 0.01, act_order: bool = True) -> tuple[Tensor, Tensor]:
     """The plain definition: quantize column j, then push its error onto every later column at once."""
     return _gptq(w, H, bits, damp, 0, act_order, _sweep_reference)
+
+
+def gptq_rows(w: Tensor, H: Tensor, bits: int, damp: float = 0.01) -> tuple[Tensor, Tensor]:
+    """GPTQ with one Hessian per row (H [rows, cols, cols]), all rows swept together, natural column order.
+
+    For a matrix whose rows see different inputs, such as a tied embedding: each row gets exactly what
+    gptq_reference gives that row alone with its own Hessian and act_order off (tested).
+    """
+    W, H = w.double(), H.double()
+    Hd = H.clone()
+    dead = torch.diagonal(Hd, dim1=1, dim2=2) == 0
+    Hd[dead.unsqueeze(2) & torch.eye(H.size(1), dtype=torch.bool)] = 1.0
+    W = W * ~dead
+    mean = torch.diagonal(Hd, dim1=1, dim2=2).mean(1)
+    Hd += (damp * mean)[:, None, None] * torch.eye(H.size(1), dtype=Hd.dtype)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
+    amax = W.abs().amax(1).clamp_min(1e-8)
+    best_err = torch.full_like(amax, float("inf"))
+    codes, scales = torch.zeros_like(W), torch.zeros_like(amax)
+    for ratio in CLIP_GRID:
+        scale = (ratio * amax / qmax(bits)).half().double().clamp_min(torch.finfo(torch.float16).tiny)
+        Wc, Q = W.clone(), torch.zeros_like(W)
+        for j in range(W.size(1)):
+            Q[:, j] = codes_for(Wc[:, j], scale, bits)
+            err = (Wc[:, j] - Q[:, j] * scale) / Hinv[:, j, j]
+            Wc[:, j + 1 :] -= err[:, None] * Hinv[:, j, j + 1 :]
+        err = h_error(W - Q * scale[:, None], H)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        codes[better], scales[better] = Q[better], scale[better]
+    return codes.to(torch.int8), scales.half()
 
 
 def dequantize(codes: Tensor, scale: Tensor) -> Tensor:

@@ -1,9 +1,9 @@
 """Quantize a trained GPT: Hessians from calibration tokens, GPTQ or RTN per matrix, a safe file of codes.
 
 Block matrices and the token embedding become int8-stored codes of `quant.bits.<class>` bits with
-float16 row scales; the small control tensors stay float32. The tied embedding is quantized with
-the Hessian of the output head's input (the final hidden states), since that is where its rounding
-error reaches the loss. An untied input embedding has no input Hessian and is rounded to nearest.
+float16 row scales; the small control tensors stay float32. A tied embedding is quantized row by row
+with per-row Hessians that cover both of its parts, output head and input lookup (collect_hessians).
+An untied input embedding has no input Hessian and is rounded to nearest.
 """
 from __future__ import annotations
 
@@ -33,33 +33,78 @@ def tensor_class(name: str) -> str | None:
     return None
 
 
-@torch.no_grad()
-def collect_hessians(model: GPT, tokens: np.ndarray, batch_seqs: int = 8) -> dict[str, torch.Tensor]:
-    """H = XᵀX (float64) of the input X of every quantized matrix, over calibration sequences [n, seq]."""
+VOCAB_CHUNK = 32  # vocabulary rows per step when accumulating per-row Hessians (bounds memory)
+
+
+def collect_hessians(model: GPT, inputs: np.ndarray, targets: np.ndarray, batch_seqs: int = 8) -> dict[str, torch.Tensor]:
+    """Float64 Hessians of every quantized matrix over calibration sequences (inputs, targets [n, seq]).
+
+    Block matrices and an untied head get H = XᵀX of their inputs. A tied embedding gets one Hessian
+    per vocabulary row [V, dim, dim], because each row plays two parts: as an output-head row its
+    loss curvature is Σ p(1-p) · c² · x xᵀ over positions (softmax Gauss-Newton, c the soft-cap's
+    slope), and as the input vector of its token, the Fisher g gᵀ of the loss gradient at that lookup.
+    """
     hessians: dict[str, torch.Tensor] = {}
 
+    @torch.no_grad()
     def add(name: str, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.size(-1)).double()
+        x = x.detach().reshape(-1, x.size(-1)).double()
         h = x.T @ x
         hessians[name] = hessians[name] + h if name in hessians else h
 
     hooks = [
-        module.register_forward_hook(lambda m, inputs, out, name=name: add(f"{name}.weight", inputs[0]))
+        module.register_forward_hook(lambda m, args, out, name=name: add(f"{name}.weight", args[0]))
         for name, module in model.named_modules()
         if isinstance(module, CastedLinear) and tensor_class(f"{name}.weight")
     ]
     device = next(model.parameters()).device
     try:
-        for start in range(0, len(tokens), batch_seqs):
-            idx = torch.from_numpy(tokens[start : start + batch_seqs].astype(np.int64)).to(device)
-            add("lm_head.weight" if model.lm_head is not None else "tok_emb.weight", model.hidden(idx))
+        for start in range(0, len(inputs), batch_seqs):
+            idx = torch.from_numpy(inputs[start : start + batch_seqs].astype(np.int64)).to(device)
+            tgt = torch.from_numpy(targets[start : start + batch_seqs].astype(np.int64)).to(device)
+            if model.lm_head is not None:
+                with torch.no_grad():
+                    add("lm_head.weight", model.hidden(idx))
+            else:
+                _add_tied_embedding(model, idx, tgt, hessians)
     finally:
         for hook in hooks:
             hook.remove()
+        model.zero_grad(set_to_none=True)
     if dist.is_initialized():
         for h in hessians.values():
             dist.all_reduce(h)
     return hessians
+
+
+def _add_tied_embedding(model: GPT, idx: torch.Tensor, tgt: torch.Tensor, hessians: dict[str, torch.Tensor]) -> None:
+    looked_up = {}
+
+    def keep(module, args, out) -> None:
+        out.retain_grad()  # the loss gradient at each lookup: the input part's Fisher
+        looked_up["e"] = out
+
+    hook = model.tok_emb.register_forward_hook(keep)
+    try:
+        x = model.hidden(idx)
+    finally:
+        hook.remove()
+    e = looked_up["e"]
+    z = torch.nn.functional.linear(x, model.tok_emb.weight)
+    cap = model.p.logit_softcap
+    logits = cap * torch.tanh(z / cap)
+    torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), tgt.reshape(-1), reduction="sum").backward()
+    with torch.no_grad():
+        V, D = model.tok_emb.weight.shape
+        p = logits.detach().reshape(-1, V).double().softmax(-1)
+        slope = 1 - torch.tanh(z.detach() / cap).reshape(-1, V).double() ** 2
+        w = p * (1 - p) * slope * slope  # [positions, V]
+        X = x.detach().reshape(-1, D).double()
+        H = hessians.setdefault("tok_emb.weight", torch.zeros(V, D, D, dtype=torch.float64, device=X.device))
+        for v in range(0, V, VOCAB_CHUNK):
+            H[v : v + VOCAB_CHUNK] += torch.einsum("tv,td,te->vde", w[:, v : v + VOCAB_CHUNK], X, X)
+        g = e.grad.reshape(-1, D).double()
+        H.index_add_(0, idx.reshape(-1), g[:, :, None] * g[:, None, :])
 
 
 def quantize_model(model: GPT, hessians: dict[str, torch.Tensor], q: QuantParams) -> tuple[dict[str, torch.Tensor], dict]:
@@ -83,7 +128,9 @@ def quantize_model(model: GPT, hessians: dict[str, torch.Tensor], q: QuantParams
         codes = torch.zeros(w.shape, dtype=torch.int8)
         scale = torch.zeros(w.shape[0], dtype=torch.float16)
         if i % world == rank:
-            if method == "gptq":
+            if method == "gptq" and H.ndim == 3:
+                codes, scale = gptq.gptq_rows(w, H, bits, q.damp)
+            elif method == "gptq":
                 codes, scale = gptq.gptq(w, H, bits, q.damp, q.block_size, q.act_order)
             else:
                 codes, scale = gptq.rtn(w, bits, H)

@@ -23,16 +23,17 @@ def main() -> None:
         model, _ = checkpoint.load_model(CHECKPOINT)
         model.to(d.device).eval()
         n_tokens = q.calib_seqs * q.seq_len
-        calib = TokenStream(shards.list_shards(SHARDS, "train")).take(n_tokens).reshape(q.calib_seqs, q.seq_len)
+        stream = TokenStream(shards.list_shards(SHARDS, "train")).take(n_tokens + 1)
+        inputs, targets = stream[:-1].reshape(q.calib_seqs, q.seq_len), stream[1:].reshape(q.calib_seqs, q.seq_len)
         t = time.perf_counter()
-        hessians = quantize.collect_hessians(model, calib[d.rank :: d.world])
+        hessians = quantize.collect_hessians(model, inputs[d.rank :: d.world], targets[d.rank :: d.world])
         tensors, meta = quantize.quantize_model(model, hessians, q)
         seconds = time.perf_counter() - t
     finally:
         distributed.teardown()
     if not d.main:
         return
-    meta["calibration"] = {"split": "train", "first_tokens": n_tokens, "seqs": q.calib_seqs, "seq_len": q.seq_len}
+    meta["calibration"] = {"split": "train", "first_tokens": n_tokens + 1, "seqs": q.calib_seqs, "seq_len": q.seq_len}
     checkpoint.write_safetensors(QUANTIZED, tensors, meta)
     per_tensor = meta["tensors"]
     by_class = {

@@ -31,7 +31,7 @@ def test_calibrate_stage_quantizes_every_matrix_without_validation_data(tmp_path
     assert m["method"] == "gptq" and set(m["h_error_by_class"]) == {"attn", "mlp", "embed"}
 
 
-def test_tied_embedding_uses_the_head_input_hessian(tmp_path, fineweb):
+def test_tied_embedding_gets_one_hessian_per_row(tmp_path, fineweb):
     import dataclasses
 
     from pgolf import params
@@ -40,10 +40,14 @@ def test_tied_embedding_uses_the_head_input_hessian(tmp_path, fineweb):
 
     model_p = params.section(tiny_params(), "model", ModelParams)
     torch.manual_seed(0)
-    tokens = torch.randint(0, 1024, (4, 16)).numpy()
-    tied = quantize.collect_hessians(GPT(model_p), tokens)
-    untied = quantize.collect_hessians(GPT(dataclasses.replace(model_p, tie_embeddings=False)), tokens)
-    assert tied["tok_emb.weight"].shape == (32, 32) and "lm_head.weight" not in tied
+    tokens = torch.randint(0, 1024, (4, 17)).numpy()
+    model = GPT(model_p)
+    tied = quantize.collect_hessians(model, tokens[:, :-1], tokens[:, 1:])
+    untied = quantize.collect_hessians(GPT(dataclasses.replace(model_p, tie_embeddings=False)), tokens[:, :-1], tokens[:, 1:])
+    H = tied["tok_emb.weight"]
+    assert H.shape == (1024, 32, 32) and "lm_head.weight" not in tied
+    assert torch.allclose(H, H.transpose(1, 2)) and (torch.linalg.eigvalsh(H) > -1e-9).all()  # per-row PSD
+    assert all(p.grad is None for p in model.parameters())  # calibration leaves no gradients behind
     assert "lm_head.weight" in untied and "tok_emb.weight" not in untied  # the input embedding is rounded
 
 
