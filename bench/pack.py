@@ -15,13 +15,13 @@ sys.path[0] = str(REPO)  # bench/tokenize.py would shadow the standard library's
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
-import json  # noqa: E402
 import time  # noqa: E402
 
 import zstandard  # noqa: E402
 
 from pgolf import artifact, checkpoint, params, quantize  # noqa: E402
 from pgolf.params import QuantBits, QuantParams  # noqa: E402
+from bench.common import save  # noqa: E402
 
 
 def main() -> None:
@@ -44,9 +44,7 @@ def main() -> None:
         rows.append({"bits": bits, "ours_bytes": len(blob), "naive_zstd_bytes": naive, "ratio": round(len(blob) / naive, 4),
                      "layout": report["layout"], "layout_bytes": report["layout_bytes"], "pack_seconds": round(seconds, 2)})
         print(f"{bits} bits: ours {len(blob):,} B, naive zstd-{args.level} {naive:,} B ({len(blob) / naive:.3f}x); layout {report['layout']}; {seconds:.1f}s")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"checkpoint": str(args.checkpoint.relative_to(REPO) if args.checkpoint.is_relative_to(REPO) else args.checkpoint), "level": args.level, "rows": rows}, indent=2) + "\n")
-    print(f"saved {args.out}")
+    save({"checkpoint": str(args.checkpoint.relative_to(REPO) if args.checkpoint.is_relative_to(REPO) else args.checkpoint), "level": args.level, "rows": rows}, args.out)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,6 @@ sys.path[0] = str(REPO)  # bench/tokenize.py would shadow the standard library's
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
@@ -32,11 +30,12 @@ from pgolf.evaluate import evaluate  # noqa: E402
 from pgolf.loader import TokenStream, validation_tokens  # noqa: E402
 from pgolf.params import QuantBits, QuantParams  # noqa: E402
 from pgolf import shards  # noqa: E402
+from bench.common import FINEWEB, save  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--fineweb", type=Path, default=Path(os.environ.get("PGOLF_FINEWEB_DIR", REPO.parent / "shared" / "data" / "fineweb")))
+    ap.add_argument("--fineweb", type=Path, default=FINEWEB)
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 5, 6])
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quant.json")
     args = ap.parse_args()
@@ -79,9 +78,7 @@ def main() -> None:
             pen = {r["method"]: r["penalty"] for r in rows if r["bits"] == bits and r["setting"] == setting}
             ratios[f"{setting}, {bits} bits"] = round(pen["gptq"] / pen["rtn"], 3) if pen["rtn"] > 0 else None
             print(f"{setting:>8}, {bits} bits: GPTQ penalty / RTN penalty = {ratios[f'{setting}, {bits} bits']}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"float_val_bpb": round(float_bpb, 5), "rows": rows, "gptq_over_rtn": ratios}, indent=2) + "\n")
-    print(f"saved {args.out}")
+    save({"float_val_bpb": round(float_bpb, 5), "rows": rows, "gptq_over_rtn": ratios}, args.out)
 
 
 if __name__ == "__main__":

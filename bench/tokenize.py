@@ -24,12 +24,12 @@ import time  # noqa: E402
 
 from pgolf.dataset import export_docs  # noqa: E402
 from pgolf.docs import DocFile, DocReader  # noqa: E402
+from bench.common import FINEWEB, save  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default = os.environ.get("PGOLF_FINEWEB_DIR", REPO.parent / "shared" / "data" / "fineweb")
-    ap.add_argument("--fineweb", type=Path, default=Path(default))
+    ap.add_argument("--fineweb", type=Path, default=FINEWEB)
     ap.add_argument("--copies", type=int, default=16, help="repeat the 650 documents to lengthen the run")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "tokenize.json")
@@ -73,9 +73,7 @@ def main() -> None:
     for key, run in results["runs"].items():
         print(f"{key:>10}: {run['docs_per_s']:8.1f} docs/s  {run['mb_per_s']:6.2f} MB/s  (median of {run['seconds']})")
     print(f"speedup {cores} workers vs 1: {results['speedup']:.2f}x (median of pairwise ratios {results['speedup_pairwise_median']:.2f}x)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"saved {args.out}")
+    save(results, args.out)
 
 
 if __name__ == "__main__":

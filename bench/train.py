@@ -17,7 +17,6 @@ sys.path[0] = str(REPO)
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
-import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import tempfile  # noqa: E402
@@ -32,6 +31,7 @@ from pgolf.docs import DocFile, DocReader  # noqa: E402
 from pgolf.evaluate import evaluate  # noqa: E402
 from pgolf.loader import validation_tokens  # noqa: E402
 from pgolf.params import ModelParams, TrainParams  # noqa: E402
+from bench.common import FINEWEB, save  # noqa: E402
 
 OFFICIAL_CPU_VAL_BPB = {1337: 2.444, 42: 2.458}  # measured by the author with train_gpt.py on CPU
 SHAPE = dict(layers=4, dim=128, heads=4, kv_heads=2, mlp_mult=2, vocab_size=1024, tie_embeddings=True)
@@ -60,7 +60,7 @@ def comparison_data(fineweb: Path, out: Path) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--fineweb", type=Path, default=Path(os.environ.get("PGOLF_FINEWEB_DIR", REPO.parent / "shared" / "data" / "fineweb")))
+    ap.add_argument("--fineweb", type=Path, default=FINEWEB)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1337, 42])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "train.json")
@@ -88,9 +88,7 @@ def main() -> None:
             official = row["official_val_bpb"]
             gap = f", ours - official = {val_bpb - official:+.4f}" if official else ""
             print(f"seed {seed}: {ms:.0f} ms/step, {row['tokens_per_s']:,.0f} tok/s; val_bpb ours {val_bpb:.4f}, official {official}{gap}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"saved {args.out}")
+    save(results, args.out)
 
 
 if __name__ == "__main__":
