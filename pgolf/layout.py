@@ -16,3 +16,6 @@ TRAIN_RUN = RUNS / "train"
 QUANTIZED = ARTIFACTS / "quant.safetensors"  # integer codes + scales from calibrate
 ARTIFACT = ARTIFACTS / "model.pgolf"  # what would be submitted: code is counted beside it
 LOADER_MODULE = Path("pgolf/artifact.py")  # the loader; it and every pgolf module it imports are counted
+
+EVAL = Path("eval")
+SCORES = EVAL / "score.parquet"  # pass-1 per-token records of the artifact's model

@@ -128,12 +128,15 @@ class GPT(nn.Module):
     def head_weight(self) -> Tensor:
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
-    def logits(self, idx: Tensor) -> Tensor:
-        """Soft-capped next-token logits [batch, seq, vocab] for input ids [batch, seq]."""
-        x = self.hidden(idx)
+    def head(self, x: Tensor) -> Tensor:
+        """Soft-capped next-token logits [..., vocab] from hidden states [..., dim]."""
         logits = F.linear(x, self.head_weight().to(x.dtype))
         cap = self.p.logit_softcap
         return cap * torch.tanh(logits / cap)
+
+    def logits(self, idx: Tensor) -> Tensor:
+        """Soft-capped next-token logits [batch, seq, vocab] for input ids [batch, seq]."""
+        return self.head(self.hidden(idx))
 
     def forward(self, idx: Tensor, targets: Tensor) -> Tensor:
         """Mean next-token cross-entropy (nats), computed in float32."""

@@ -170,6 +170,26 @@ class PackParams:
             raise InputError(f"params.yaml: pack.level is {self.level}; zstd levels are 1..22")
 
 
+
+@dataclasses.dataclass(frozen=True)
+class EvalParams:
+    seq_len: int  # scoring window length (context + scored tokens)
+    stride: int  # each window scores its last `stride` targets; stride == seq_len: non-overlapping windows
+    batch: int  # windows per forward pass
+    doc_isolated: bool  # a window never reaches back past its document's BOS
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 1 or self.batch < 1:
+            raise InputError("params.yaml: eval.seq_len and eval.batch must be positive")
+        if not 1 <= self.stride <= self.seq_len:
+            raise InputError(f"params.yaml: eval.stride is {self.stride}; it must be 1..eval.seq_len ({self.seq_len})")
+
+    @property
+    def mode(self) -> str:
+        kind = "non-overlapping" if self.stride == self.seq_len else f"sliding-{self.stride}"
+        return f"{kind}-doc-isolated" if self.doc_isolated else kind
+
+
 def load(path: Path = PARAMS_FILE) -> dict[str, Any]:
     """The whole params file as a dict."""
     path = Path(path)

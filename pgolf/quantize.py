@@ -8,7 +8,6 @@ An untied input embedding has no input Hessian and is rounded to nearest.
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import numpy as np
 import torch
@@ -123,7 +122,6 @@ def quantize_model(model: GPT, hessians: dict[str, torch.Tensor], q: QuantParams
         H = hessians.get(name)
         H = None if H is None else H.cpu()
         method = q.method if H is not None else "rtn"
-        t = time.perf_counter()
         codes = torch.zeros(w.shape, dtype=torch.int8)
         scale = torch.zeros(w.shape[0], dtype=torch.float16)
         if i % world == rank:
@@ -145,7 +143,6 @@ def quantize_model(model: GPT, hessians: dict[str, torch.Tensor], q: QuantParams
             "shape": list(w.shape),
             # Error relative to the weight's own H-weighted energy (plain squared error without H).
             "h_error": float(gptq.h_error(err, H).sum() / gptq.h_error(w.double(), H).sum()),
-            "seconds": round(time.perf_counter() - t, 3),
         }
         progress.update()
     progress.done(f"{q.method}, bits attn/mlp/embed = {q.bits.attn}/{q.bits.mlp}/{q.bits.embed}")

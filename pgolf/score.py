@@ -1,0 +1,162 @@
+"""Pass-1 neural scoring: the NLL and entropy of every validation target under a window plan.
+
+Windows go through the model in batches; only the positions a window scores go through the output
+head, so a stride-64 window of 256 pays for 64 rows of logits, not 256. Batch b runs on process
+b % world and all processes gather each round's results, so rank 0 receives them in stream order
+and every batch is computed the same way for any process count.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from pgolf.bpb import ByteTables, bits_per_byte
+from pgolf.distributed import Dist
+from pgolf.evaluate import autocast
+from pgolf.model import GPT
+from pgolf.progress import Progress
+from pgolf.windows import Windows, doc_of, doc_starts
+
+SCHEMA = pa.schema(
+    [
+        ("position", pa.int64()),  # of the target in the validation stream (1..N)
+        ("doc", pa.int32()),  # validation document the target belongs to (a BOS target ends the previous one)
+        ("target", pa.int32()),
+        ("context", pa.int32()),  # inputs the prediction saw: x[position - context : position]
+        ("nll", pa.float32()),  # nats
+        ("entropy", pa.float32()),  # of the model's distribution at this position, nats
+        ("bytes", pa.int32()),  # of the target, by the challenge's byte tables
+    ]
+)
+ROW_GROUP = 1 << 20
+
+
+def _distribution(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(NLL of each target, entropy) of softmax(logits), in float32."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    nll = -logp.gather(-1, targets[:, None]).squeeze(-1)
+    return nll, -(logp.exp() * logp).sum(-1)
+
+
+@torch.inference_mode()
+def score_batch(model: GPT, tokens: np.ndarray, w: Windows, i: int, j: int, device: torch.device) -> torch.Tensor:
+    """[2, targets] float32 NLL and entropy of the targets windows i..j-1 score, in order."""
+    begin, end = w.begin[i:j], w.end[i:j]
+    width = int((end - begin).max())
+    # Right padding with real tokens: a causal model's earlier positions never see it.
+    inputs = tokens[np.minimum(begin[:, None] + np.arange(width), len(tokens) - 1)]
+    rows = np.repeat(np.arange(j - i) * width - begin, w.scored[i:j]) + w.targets(i, j) - 1
+    targets = torch.from_numpy(tokens[w.targets(i, j)].astype(np.int64)).to(device)
+    with autocast(device):
+        h = model.hidden(torch.from_numpy(inputs.astype(np.int64)).to(device))
+        logits = model.head(h.reshape(-1, h.size(-1))[torch.from_numpy(rows).to(device)])
+    return torch.stack(_distribution(logits, targets))
+
+
+def score_stream(model: GPT, tokens: np.ndarray, w: Windows, batch: int, d: Dist) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Yield (i, j, [2, targets] NLL and entropy) for windows i..j-1, in order, on rank 0.
+
+    Every process must iterate it: each round, each computes one batch and all exchange them.
+    """
+    n_batches = -(-len(w) // batch)
+    was_training = model.training
+    model.eval()
+    for first in range(0, n_batches, d.world):
+        spans = [(b * batch, min((b + 1) * batch, len(w))) for b in range(first, min(first + d.world, n_batches))]
+        mine = spans[d.rank] if d.rank < len(spans) else None
+        result = score_batch(model, tokens, w, *mine, d.device) if mine else torch.zeros(2, 0, device=d.device)
+        if d.distributed:
+            width = max(int(w.scored[i:j].sum()) for i, j in spans)
+            padded = torch.zeros(2, width, dtype=torch.float32, device=d.device)
+            padded[:, : result.size(1)] = result
+            gathered = [torch.empty_like(padded) for _ in range(d.world)]
+            dist.all_gather(gathered, padded)
+        else:
+            gathered = [result]
+        if d.main:
+            for (i, j), got in zip(spans, gathered):
+                yield i, j, got[:, : int(w.scored[i:j].sum())].cpu().numpy()
+    model.train(was_training)
+
+
+def records(tokens: np.ndarray, w: Windows, i: int, j: int, scores: np.ndarray, tables: ByteTables, starts: np.ndarray) -> pa.RecordBatch:
+    """The per-token records of windows i..j-1 given their [2, targets] scores."""
+    pos = w.targets(i, j)
+    columns = [
+        pos,
+        doc_of(pos, starts),
+        tokens[pos].astype(np.int32),
+        w.contexts(i, j).astype(np.int32),
+        scores[0].astype(np.float32),
+        scores[1].astype(np.float32),
+        tables.target_bytes(tokens[pos - 1], tokens[pos]).astype(np.int32),
+    ]
+    return pa.RecordBatch.from_arrays([pa.array(c) for c in columns], schema=SCHEMA)
+
+
+@dataclass(frozen=True)
+class Totals:
+    tokens: int
+    nll: float  # nats, summed in float64 over the float32 records
+    bytes: int
+
+    @property
+    def val_loss(self) -> float:
+        return self.nll / self.tokens
+
+    @property
+    def val_bpb(self) -> float:
+        return bits_per_byte(self.nll, self.bytes)
+
+
+def write_records(
+    model: GPT, tokens: np.ndarray, w: Windows, batch: int, tables: ByteTables, bos_id: int, d: Dist, path: Path | None, progress: Progress | None = None
+) -> Totals | None:
+    """Score every window, streaming the records to `path` on rank 0 in row groups; the totals there.
+
+    Every process calls it; the others compute their batches, hand them over and return None.
+    """
+    stream = score_stream(model, tokens, w, batch, d)
+    if not d.main:
+        for _ in stream:
+            pass
+        return None
+    starts = doc_starts(tokens, bos_id)
+    n_tokens, nll, n_bytes, pending = 0, 0.0, 0, []
+    schema = SCHEMA.with_metadata({"vocab_size": str(model.p.vocab_size)})  # the distribution's support, for rescore
+    with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+        for i, j, scores in stream:
+            rec = records(tokens, w, i, j, scores, tables, starts)
+            nll += float(np.sum(scores[0], dtype=np.float64))
+            n_bytes += int(np.sum(rec.column("bytes").to_numpy(), dtype=np.int64))
+            n_tokens += rec.num_rows
+            pending.append(rec)
+            if sum(r.num_rows for r in pending) >= ROW_GROUP:
+                writer.write_table(pa.Table.from_batches(pending, schema), row_group_size=ROW_GROUP)
+                pending = []
+            if progress:
+                progress.update(rec.num_rows)
+        if pending:
+            writer.write_table(pa.Table.from_batches(pending, schema), row_group_size=ROW_GROUP)
+    return Totals(n_tokens, nll, n_bytes)
+
+
+@torch.inference_mode()
+def score_reference(model: GPT, tokens: np.ndarray, contexts: np.ndarray) -> np.ndarray:
+    """[2, N] NLL and entropy of every target t = 1..N, each from its own run on x[t - contexts[t-1] : t]."""
+    model.eval()
+    out = np.zeros((2, len(tokens) - 1), dtype=np.float32)
+    for t in range(1, len(tokens)):
+        x = torch.from_numpy(tokens[t - contexts[t - 1] : t].astype(np.int64))[None]
+        logits = model.logits(x)[0, -1:]
+        nll, entropy = _distribution(logits, torch.tensor([int(tokens[t])]))
+        out[:, t - 1] = nll.item(), entropy.item()
+    return out
