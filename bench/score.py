@@ -116,6 +116,7 @@ def main() -> None:
                     help="a train_gpt.py with eval_val_sliding; without it only our figures are measured")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--plain-allocator", action="store_true", help="leave glibc's defaults (the stage keeps freed memory mapped)")
+    ap.add_argument("--speed-only", action="store_true", help="skip the val_bpb of every mode")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "score.json")
     args = ap.parse_args()
     ev = params.section(params.load(REPO / "params.yaml"), "eval", EvalParams)
@@ -161,7 +162,7 @@ def main() -> None:
                   f"(it scores {extra} tail targets twice)")
 
         modes = {}
-        for stride in (ev.seq_len, 64):
+        for stride in () if args.speed_only else (ev.seq_len, 64):
             for isolated in (False, True):
                 mode = dataclasses.replace(ev, stride=stride, doc_isolated=isolated)
                 seconds, bpb, n = ours(model, val, mode, tables, tmp / "modes.parquet")

@@ -23,6 +23,7 @@ numbers for a whole stream at once from stable sorts (numpy's radix sort on 16-b
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -140,9 +141,8 @@ def _first_level(n: int) -> _Level:
     return _Level(ends, np.zeros(n + 1, dtype=np.int32), np.zeros(n + 1, dtype=np.int32), ends.copy(), np.ones(n + 1, dtype=bool), 1)
 
 
-def _extend(prev: _Level, lead: np.ndarray) -> tuple[_Level, np.ndarray, np.ndarray]:
-    """The level one token longer (lead[e]: the token now leading the key ending at e) and, over the
-    previous level's active ends in the new sort order, (ends, occ) before pruning the new singletons."""
+def _extend(prev: _Level, lead: np.ndarray) -> _Level:
+    """The level one token longer; lead[e] is the token that now leads the key ending at e."""
     n1 = len(prev.gid)
     ends = prev.ends[np.argsort(lead[prev.ends], kind="stable")]
     new, old = lead[ends], prev.gid[ends]
@@ -161,7 +161,7 @@ def _extend(prev: _Level, lead: np.ndarray) -> tuple[_Level, np.ndarray, np.ndar
     active[kept] = True
     _, kept_start = _runs(change[keep])
     keys = int(rid[-1]) + 1 + (n1 - len(prev.ends)) if len(ends) else n1
-    return _Level(kept, kept_start, gid, occ, active, keys), ends, occ_sorted
+    return _Level(kept, kept_start, gid, occ, active, keys)
 
 
 def _group_count_before(level: _Level, flags: np.ndarray) -> np.ndarray:
@@ -184,42 +184,54 @@ def ngram_probs(tokens: np.ndarray, vocab: int, max_order: int, caps: list[int])
     prob = np.full(n, 1.0 / vocab)
     used = np.zeros(n, dtype=np.int8)
     entries, state, tb = [], 0, token_bytes(vocab)
+    lead = [padded[pad - (k - 1) :] for k in range(1, max_order + 1)]  # lead[k-1][e]: first token of the k-gram ending at e
     ctx = _first_level(n)  # level k-1: the context of target t is the key ending at t-1
-    for k in range(1, max_order + 1):
-        pairs, _, _ = _extend(ctx, padded[pad - (k - 1) :])  # level k: (context, target) ends at target t
-        # Pair occurrences among targets before t. End 0 is no target; it comes first in its key's run.
-        occ = pairs.occ[1:] - (pairs.active[1:] & ctx.active[1:] & (pairs.gid[1:] == pairs.gid[0]) & pairs.active[0])
-        first = occ == 0  # inactive ends are unique keys: first (and only) occurrences
-        if int(np.count_nonzero(first)) <= caps[k - 1]:
-            stored = None
-            kept = first
-        else:  # only the first caps[k-1] distinct n-grams to occur are stored
-            rank = np.cumsum(first, dtype=np.int32) - 1
-            first_rank = np.empty(int(pairs.gid.max()) + 1, dtype=np.int32)
-            multi = first & pairs.active[1:]
-            first_rank[pairs.gid[1:][multi]] = rank[multi]
-            stored = np.where(pairs.active[1:], first_rank[pairs.gid[1:]], rank) < caps[k - 1]
-            kept = first & stored
-        # Contexts: only keys seen before can contribute, and those are active at level k-1.
-        e = ctx.ends
-        target_kept = np.append(kept, False)  # indexed by context end e = t - 1; end N has no target
-        types = _group_count_before(ctx, target_kept)
-        c_ctx = ctx.occ[e] if stored is None else _group_count_before(ctx, np.append(stored, False))
-        seen = np.flatnonzero((c_ctx > 0) & (e < n))
-        t = e[seen]  # target index t - 1 = e
-        c_pair = occ[t] if stored is None else np.where(stored[t], occ[t], 0)
-        types, c_ctx = types[seen], c_ctx[seen]
-        prob[t] = (c_pair + types * prob[t]) / (c_ctx + types)
-        used[t] = k
-        n_pairs = int(np.count_nonzero(kept))
-        if stored is None:  # every context at ends 0..N-1 came with a target, so all are stored
-            n_ctx = ctx.keys - int(not ctx.active[n])  # the key ending at N is no context unless it recurs
-        else:
-            lone = np.count_nonzero(kept & ~ctx.active[:n])
-            marks = np.zeros(int(ctx.gid.max()) + 1, dtype=bool)
-            marks[ctx.gid[:n][kept & ctx.active[:n]]] = True
-            n_ctx = int(lone) + int(np.count_nonzero(marks))
-        entries.append(n_pairs)
-        state += n_pairs * (k * tb + COUNT_BYTES) + n_ctx * ((k - 1) * tb + 2 * COUNT_BYTES)
-        ctx = pairs
+    # The sort chain runs one level ahead in a second thread (numpy releases the GIL in sorts and
+    # gathers); it only reads finished levels, so the numbers do not depend on the timing.
+    with ThreadPoolExecutor(max_workers=1) as ahead:
+        next_level = ahead.submit(_extend, ctx, lead[0])
+        for k in range(1, max_order + 1):
+            pairs = next_level.result()  # level k: (context, target) ends at target t
+            if k < max_order:
+                next_level = ahead.submit(_extend, pairs, lead[k])
+            stored, nbytes = _count_level(k, ctx, pairs, caps[k - 1], prob, used, tb)
+            entries.append(stored)
+            state += nbytes
+            ctx = pairs
     return NgramScores(prob, used, state, entries)
+
+
+def _count_level(k: int, ctx: _Level, pairs: _Level, cap: int, prob: np.ndarray, used: np.ndarray, tb: int) -> tuple[int, int]:
+    """Interpolate order k into prob and mark in `used` where it applied (both in place); returns the
+    n-grams order k stores and the bytes they and their contexts take."""
+    n = len(prob)
+    # Pair occurrences among targets before t. End 0 is no target; it comes first in its key's run.
+    occ = pairs.occ[1:] - (pairs.active[1:] & (pairs.gid[1:] == pairs.gid[0]) & pairs.active[0])
+    first = occ == 0  # inactive ends are unique keys: first (and only) occurrences
+    stored = None
+    kept = first
+    if int(np.count_nonzero(first)) > cap:  # only the first `cap` distinct n-grams to occur are stored
+        rank = np.cumsum(first, dtype=np.int32) - 1
+        first_rank = np.empty(int(pairs.gid.max()) + 1, dtype=np.int32)
+        multi = first & pairs.active[1:]
+        first_rank[pairs.gid[1:][multi]] = rank[multi]
+        stored = np.where(pairs.active[1:], first_rank[pairs.gid[1:]], rank) < cap
+        kept = first & stored
+    # Contexts: only keys seen before can contribute, and those are active at level k-1.
+    e = ctx.ends  # context end e = t - 1; end N has no target
+    types = _group_count_before(ctx, np.append(kept, False))
+    c_ctx = ctx.occ[e] if stored is None else _group_count_before(ctx, np.append(stored, False))
+    seen = np.flatnonzero((c_ctx > 0) & (e < n))
+    t = e[seen]  # target index t - 1
+    c_pair = occ[t] if stored is None else np.where(stored[t], occ[t], 0)
+    types, c_ctx = types[seen], c_ctx[seen]
+    prob[t] = (c_pair + types * prob[t]) / (c_ctx + types)
+    used[t] = k
+    if stored is None:  # every context at ends 0..N-1 came with a target, so all are stored
+        n_ctx = ctx.keys - int(not ctx.active[n])  # the key ending at N is no context unless it recurs
+    else:
+        marks = np.zeros(int(ctx.gid.max()) + 1, dtype=bool)
+        marks[ctx.gid[:n][kept & ctx.active[:n]]] = True
+        n_ctx = int(np.count_nonzero(kept & ~ctx.active[:n])) + int(np.count_nonzero(marks))
+    n_pairs = int(np.count_nonzero(kept))
+    return n_pairs, n_pairs * (k * tb + COUNT_BYTES) + n_ctx * ((k - 1) * tb + 2 * COUNT_BYTES)
