@@ -107,6 +107,28 @@ class StreamingCache:
         return self.ngram.state_bytes() + len(self.lams) * LAMBDA_BYTES
 
 
+class CacheScorer:
+    """The cache under the audits' streaming interface (pgolf.audit.StreamScorer)."""
+
+    def __init__(self, vocab: int, n_targets: int, params: CacheParams, first_token: int):
+        self.cache = StreamingCache(vocab, n_targets, params)
+        self.cache.ngram.history.append(first_token)  # context only, never a target
+        self.pending: tuple[np.ndarray, float] | None = None
+
+    def _prepare(self, entropy: float) -> tuple[np.ndarray, float]:
+        dist, order = self.cache.distribution()
+        return dist, self.cache.weight(order, entropy)
+
+    def scores(self, model_dist: np.ndarray, entropy: float) -> np.ndarray:
+        self.pending = dist, lam = self._prepare(entropy)
+        return (1 - lam) * model_dist + lam * dist
+
+    def update(self, token: int, model_prob: float, entropy: float) -> None:
+        dist, lam = self.pending or self._prepare(entropy)
+        self.pending = None
+        self.cache.update(token, lam, model_prob, dist[token])
+
+
 def rescore_reference(tokens: np.ndarray, model_prob: np.ndarray, entropy: np.ndarray, vocab: int, params: CacheParams) -> Rescored:
     """The definition: for each target in order, full distribution, weight, score, then update."""
     n = len(tokens) - 1

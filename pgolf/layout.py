@@ -20,3 +20,4 @@ LOADER_MODULE = Path("pgolf/artifact.py")  # the loader; it and every pgolf modu
 EVAL = Path("eval")
 SCORES = EVAL / "score.parquet"  # pass-1 per-token records of the artifact's model
 RESCORES = EVAL / "rescore.parquet"  # per-token records after the causal cache
+REPORT = Path("reports") / "report.md"  # the human report

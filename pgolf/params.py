@@ -212,6 +212,20 @@ class CacheParams:
         if self.max_state_bytes < 1:
             raise InputError("params.yaml: cache.max_state_bytes must be positive")
 
+
+@dataclasses.dataclass(frozen=True)
+class VerifyParams:
+    positions: int  # sampled positions whose full distribution is rebuilt and checked
+    audit_tokens: int  # the streaming audits look at the first this many targets (0: all)
+    byte_limit: int  # artifact + code
+    max_state_bytes: int  # eval-time auxiliary state
+    max_overhead: float  # cache seconds over neural scoring seconds
+    strict: bool  # fail the stage, after writing the report, when a rule is broken
+
+    def __post_init__(self) -> None:
+        if self.positions < 1 or self.audit_tokens < 0 or self.byte_limit < 1 or self.max_state_bytes < 1 or self.max_overhead <= 0:
+            raise InputError("params.yaml: verify.positions, byte_limit, max_state_bytes and max_overhead must be positive, audit_tokens >= 0")
+
 def load(path: Path = PARAMS_FILE) -> dict[str, Any]:
     """The whole params file as a dict."""
     path = Path(path)

@@ -120,7 +120,7 @@ class Totals:
 def write_records(
     model: GPT, tokens: np.ndarray, w: Windows, batch: int, tables: ByteTables, bos_id: int, d: Dist, path: Path | None, progress: Progress | None = None
 ) -> Totals | None:
-    """Score every window, streaming the records to `path` on rank 0 in row groups; the totals there.
+    """Score every window, streaming the records to `path` (None: nowhere) on rank 0; the totals there.
 
     Every process calls it; the others compute their batches, hand them over and return None.
     """
@@ -132,20 +132,23 @@ def write_records(
     starts = doc_starts(tokens, bos_id)
     n_tokens, nll, n_bytes, pending = 0, 0.0, 0, []
     schema = SCHEMA.with_metadata({"vocab_size": str(model.p.vocab_size)})  # the distribution's support, for rescore
-    with pq.ParquetWriter(path, schema, compression="zstd") as writer:
-        for i, j, scores in stream:
-            rec = records(tokens, w, i, j, scores, tables, starts)
-            nll += float(np.sum(scores[0], dtype=np.float64))
-            n_bytes += int(np.sum(rec.column("bytes").to_numpy(), dtype=np.int64))
-            n_tokens += rec.num_rows
+    writer = pq.ParquetWriter(path, schema, compression="zstd") if path else None
+    for i, j, scores in stream:
+        rec = records(tokens, w, i, j, scores, tables, starts)
+        nll += float(np.sum(scores[0], dtype=np.float64))
+        n_bytes += int(np.sum(rec.column("bytes").to_numpy(), dtype=np.int64))
+        n_tokens += rec.num_rows
+        if writer:
             pending.append(rec)
             if sum(r.num_rows for r in pending) >= ROW_GROUP:
                 writer.write_table(pa.Table.from_batches(pending, schema), row_group_size=ROW_GROUP)
                 pending = []
-            if progress:
-                progress.update(rec.num_rows)
+        if progress:
+            progress.update(rec.num_rows)
+    if writer:
         if pending:
             writer.write_table(pa.Table.from_batches(pending, schema), row_group_size=ROW_GROUP)
+        writer.close()
     return Totals(n_tokens, nll, n_bytes)
 
 

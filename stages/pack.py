@@ -4,43 +4,16 @@ python -m stages.pack   (reads params.yaml: pack)
 Size = compressed weights + the UTF-8 source of every module needed to load and run the model:
 pgolf/artifact.py and the pgolf modules it imports, found by reading their imports.
 """
-import ast
 import time
-from pathlib import Path
 
 import torch
-
-import pgolf
 
 from pgolf import artifact, checkpoint, params
 from pgolf.errors import InputError, run_stage
 from pgolf.files import write_bytes, write_json
 from pgolf.layout import ARTIFACT, LOADER_MODULE, METRICS, QUANTIZED
 from pgolf.params import PackParams
-
-
-SOURCE_ROOT = Path(pgolf.__file__).resolve().parent.parent  # the folder holding the pgolf package
-
-
-def code_files(entry: Path) -> list[Path]:
-    """entry and every pgolf module it imports, transitively (paths relative to SOURCE_ROOT)."""
-    seen, todo = set(), [entry]
-    while todo:
-        path = todo.pop()
-        if path in seen:
-            continue
-        seen.add(path)
-        for node in ast.walk(ast.parse((SOURCE_ROOT / path).read_text(encoding="utf-8"))):
-            names = []
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "pgolf":
-                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names if a.name.split(".")[0] == "pgolf"]
-            for name in names:
-                module = Path(*name.split(".")).with_suffix(".py")
-                if (SOURCE_ROOT / module).is_file():
-                    todo.append(module)
-    return sorted(seen)
+from pgolf.sources import code_bytes, code_files
 
 
 def main() -> None:
@@ -52,12 +25,12 @@ def main() -> None:
     blob, report = artifact.pack(tensors, bits, header_meta, pk.level)
     filters = report["filters"]
     files = code_files(LOADER_MODULE)
-    code_bytes = sum(len((SOURCE_ROOT / f).read_text(encoding="utf-8").encode("utf-8")) for f in files)
-    total = len(blob) + code_bytes
+    n_code = code_bytes(files)
+    total = len(blob) + n_code
     if total > pk.byte_limit:
         raise InputError(
             f"params.yaml: pack.byte_limit is {pk.byte_limit:,} but the artifact is {total:,} bytes "
-            f"({len(blob):,} weights + {code_bytes:,} code): {total - pk.byte_limit:,} bytes over"
+            f"({len(blob):,} weights + {n_code:,} code): {total - pk.byte_limit:,} bytes over"
         )
     # What would be submitted must load back to exactly what calibrate wrote.
     back, _ = artifact.unpack(blob)
@@ -71,7 +44,7 @@ def main() -> None:
         {
             "total_bytes": total,
             "weight_bytes": len(blob),
-            "code_bytes": code_bytes,
+            "code_bytes": n_code,
             "byte_limit": pk.byte_limit,
             "headroom_bytes": pk.byte_limit - total,
             "code_files": [str(f) for f in files],
@@ -84,7 +57,7 @@ def main() -> None:
             "seconds": round(seconds, 2),
         },
     )
-    print(f"pack: {total:,} bytes = {len(blob):,} weights + {code_bytes:,} code ({len(files)} files); limit {pk.byte_limit:,} -> {ARTIFACT}")
+    print(f"pack: {total:,} bytes = {len(blob):,} weights + {n_code:,} code ({len(files)} files); limit {pk.byte_limit:,} -> {ARTIFACT}")
 
 
 if __name__ == "__main__":

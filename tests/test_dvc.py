@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from stages.pack import code_files
+from pgolf.sources import code_files
 
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 

@@ -1,0 +1,114 @@
+"""Compliance audits. Each returns a Rule: passed or not, with the figure it was judged on.
+
+The scorer audits work on anything with the streaming interface of `StreamScorer`, not only our
+cache, so the tests can hand them the invalid designs the challenge saw and watch each one fail.
+
+Normalization is checked by substitution, as DESIGN.md asks: at an audited position the scorer is
+asked, for every candidate token v, what it would record if v were the next token, from the state it
+had there. A scorer that renormalises around the true target, hashes the target into its key, lets
+λ see the target or counts the target before scoring it gives candidates that do not sum to one.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+SUM_TOLERANCE = 1e-6
+TARGET_TOLERANCE = 1e-5  # relative: pass-1 NLLs are float32, rebuilt here one window at a time
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    passed: bool
+    figure: float  # what was measured
+    limit: float  # what it was held to
+    detail: str
+
+    def as_dict(self) -> dict:
+        return {"passed": bool(self.passed), "figure": float(self.figure), "limit": float(self.limit), "detail": self.detail}
+
+
+class StreamScorer(Protocol):
+    def scores(self, model_dist: np.ndarray, entropy: float) -> np.ndarray:
+        """For every candidate v, the probability it would record if the next token were v."""
+
+    def update(self, token: int, model_prob: float, entropy: float) -> None:
+        """The next token was `token` (scored already): take it into the state."""
+
+
+def run_stream(scorer: StreamScorer, tokens: np.ndarray, model_dist: Callable[[int], np.ndarray], entropy: np.ndarray) -> np.ndarray:
+    """The probability a streaming scorer records for every target t = 1..N, in one pass."""
+    out = np.zeros(len(tokens) - 1)
+    for t in range(1, len(tokens)):
+        dist = model_dist(t)
+        y = int(tokens[t])
+        out[t - 1] = scorer.scores(dist, float(entropy[t - 1]))[y]
+        scorer.update(y, float(dist[y]), float(entropy[t - 1]))
+    return out
+
+
+def normalization(
+    scorer: StreamScorer,
+    tokens: np.ndarray,
+    positions: np.ndarray,
+    model_dist: Callable[[int], np.ndarray],
+    model_prob: np.ndarray,
+    entropy: np.ndarray,
+    recorded: np.ndarray,
+) -> Rule:
+    """Walk the stream to the last audited target; at each, every candidate's probability must sum to 1
+    and the target's must equal what was recorded. Between audited targets only update() is called,
+    with the recorded pass-1 probability of the target."""
+    audited = set(int(t) for t in positions)
+    worst_sum, worst_target = 0.0, 0.0
+    for t in range(1, max(audited) + 1):
+        y = int(tokens[t])
+        if t in audited:
+            p = scorer.scores(model_dist(t), float(entropy[t - 1]))
+            worst_sum = max(worst_sum, abs(float(np.sum(p, dtype=np.float64)) - 1.0))
+            worst_target = max(worst_target, abs(float(p[y]) - recorded[t - 1]) / recorded[t - 1])
+        scorer.update(y, float(model_prob[t - 1]), float(entropy[t - 1]))
+    passed = worst_sum <= SUM_TOLERANCE and worst_target <= TARGET_TOLERANCE
+    return Rule(
+        "normalization", passed, worst_sum, SUM_TOLERANCE,
+        f"{len(audited)} positions: largest distance of a sum over the vocabulary from 1 = {worst_sum:.3g} (limit {SUM_TOLERANCE:g}); "
+        f"max relative gap between the rebuilt and the recorded target probability = {worst_target:.3g} (limit {TARGET_TOLERANCE:g})",
+    )
+
+
+def causality(name: str, run: Callable[[np.ndarray], np.ndarray], tokens: np.ndarray, cut: int, seed: int = 0) -> Rule:
+    """Score the stream, then a copy whose tokens after target `cut` are random: every probability up
+    to the cut must be bit-identical. run(tokens) gives the recorded probability of targets 1..N."""
+    changed = tokens.copy()
+    rng = np.random.default_rng(seed)
+    changed[cut + 1 :] = rng.integers(0, int(tokens.max()) + 1, len(tokens) - cut - 1)
+    a, b = run(tokens), run(changed)
+    moved = int(np.count_nonzero(a[:cut] != b[:cut]))
+    return Rule(name, moved == 0, moved, 0, f"{moved} of {cut} probabilities before the cut changed when the tokens after it did")
+
+
+def _fmt(x: float) -> str:
+    return f"{x:,.0f}" if float(x).is_integer() else f"{x:.4g}"
+
+
+def at_most(name: str, figure: float, limit: float, what: str) -> Rule:
+    return Rule(name, figure <= limit, figure, limit, f"{what}: {_fmt(figure)} (limit {_fmt(limit)})")
+
+
+def disjoint(name: str, val_hashes: np.ndarray, other_hashes: np.ndarray, what: str) -> Rule:
+    shared = int(np.isin(val_hashes, other_hashes).sum())
+    return Rule(name, shared == 0, shared, 0, f"{shared} validation documents also in {what}")
+
+
+def equal(name: str, figure: int, expected: int, what: str) -> Rule:
+    return Rule(name, figure == expected, figure, expected, f"{what}: {figure:,} (expected {expected:,})")
+
+
+def decoded_bytes(decode: Callable[[list[int]], str], tokens: np.ndarray, starts: np.ndarray) -> int:
+    """UTF-8 bytes of the documents tokens[starts[i]:starts[i+1]] decoded without their BOS."""
+    ends = np.append(starts[1:], len(tokens))
+    return sum(len(decode(tokens[a + 1 : b].tolist()).encode("utf-8")) for a, b in zip(starts, ends))
