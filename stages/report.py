@@ -90,7 +90,9 @@ def csv_bytes(header: list[str], rows: list[list]) -> bytes:
 def git_revision() -> str:
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10).stdout.strip()
+        # Only code and params count: DVC deletes this stage's own outputs before running it.
+        status = ["git", "status", "--porcelain", "--untracked-files=no", "--", "pgolf", "stages", "params.yaml", "dvc.yaml"]
+        dirty = subprocess.run(status, capture_output=True, text=True, timeout=10).stdout.strip()
         return (rev + ("+changes" if dirty else "")) or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
