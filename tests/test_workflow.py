@@ -1,0 +1,148 @@
+"""The DVC workflow on a micro copy of the repository: what reruns after each change, and sharing.
+
+The copy holds this working tree (tracked and untracked, not ignored files) as a fresh git repository
+with micro params, reproduced once; each check then changes one param or module and asks
+`dvc repro --dry --force-downstream` which stages would run.
+"""
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import REPO, default_params
+from pgolf import shards, windows
+
+ALL = ["tokenize", "train", "calibrate", "pack", "score", "rescore", "report"]
+GIT = ["git", "-c", "user.name=pgolf-test", "-c", "user.email=test@pgolf.invalid"]
+
+
+def sh(cmd: list[str], cwd, check: bool = True) -> str:
+    env = dict(os.environ, PYTHONPATH=str(cwd))
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result.stdout + result.stderr
+
+
+def dvc(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dvc", *args]
+
+
+def would_run(repo, downstream: bool = True) -> list[str]:
+    """Stages `dvc repro` would run: those whose deps changed and (they will change their outputs) all
+    that lie downstream of them."""
+    out = sh(dvc("repro", "--dry", *(["--force-downstream"] if downstream else [])), repo)
+    return [s for s in ALL if f"Running stage '{s}'" in out]
+
+
+def micro_params(fineweb, src) -> dict:
+    tokens = shards.read_tokens(fineweb / "val_head_sp1024.bin")
+    starts = windows.doc_starts(tokens, 1)
+    val_end, train_end = starts[np.searchsorted(starts, 3000)], starts[np.searchsorted(starts, 20000)]
+    src.mkdir()
+    shards.write_shard(src / "fineweb_val_000000.bin", tokens[:val_end])
+    shards.write_shard(src / "fineweb_train_000000.bin", tokens[val_end:train_end])
+    p = default_params()
+    p["data"].update(source="shards", shards=str(src), val_docs=None)
+    p["tokenizer"].update(model=str(fineweb / "tokenizers" / "fineweb_1024_bpe.model"))
+    p["model"].update(layers=1, dim=16, heads=2, kv_heads=1)
+    p["train"].update(seq_len=32, batch_tokens=256, grad_accum=2, iterations=2, warmdown_iters=1, val_tokens=1024, log_every=1, checkpoint_every=0, compile=False)
+    p["quant"].update(calib_seqs=4, seq_len=32)
+    p["eval"].update(seq_len=32, stride=16, batch=64)
+    p["verify"].update(positions=4, audit_tokens=1000)
+    return p
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, fineweb):
+    root = tmp_path_factory.mktemp("workflow")
+    repo = root / "repo"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    for name in filter(None, files.split("\0")):
+        if (REPO / name).is_file() and not name.startswith(("metrics/", "reports/")) and name != "dvc.lock":
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, repo / name)
+    (repo / "params.yaml").write_text(yaml.safe_dump(micro_params(fineweb, root / "src"), sort_keys=False))
+    sh(["git", "init", "-q"], repo)
+    sh(GIT + ["add", "-A"], repo)
+    sh(GIT + ["commit", "-qm", "micro"], repo)
+    sh(dvc("repro"), repo)
+    sh(GIT + ["add", "-A"], repo)
+    sh(GIT + ["commit", "-qm", "reproduced"], repo)
+    return repo
+
+
+def test_a_second_repro_has_nothing_to_do(repo):
+    assert would_run(repo) == []
+
+
+@pytest.mark.parametrize(
+    "section,key,value,expected",
+    [
+        ("quant", "bits.mlp", 5, ALL[2:]),
+        ("pack", "level", 19, ALL[3:]),
+        ("eval", "stride", 8, ALL[4:]),
+        ("cache", "lam", 0.1, ALL[5:]),
+        ("model", "dim", 32, ALL[1:]),
+        ("train", "iterations", 3, ALL[1:]),
+        ("verify", "positions", 5, ALL[6:]),
+    ],
+)
+def test_a_param_reruns_only_what_lies_downstream(repo, section, key, value, expected):
+    path = repo / "params.yaml"
+    before = path.read_text()
+    p = yaml.safe_load(before)
+    node = p[section]
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+    path.write_text(yaml.safe_dump(p, sort_keys=False))
+    try:
+        assert would_run(repo) == expected
+    finally:
+        path.write_text(before)
+
+
+@pytest.mark.parametrize(
+    "module,expected",
+    [("pgolf/cache.py", ALL[5:]), ("pgolf/ngram.py", ALL[5:]), ("pgolf/windows.py", ALL[4:]), ("pgolf/gptq.py", ALL[2:]), ("pgolf/audit.py", ALL[6:])],
+)
+def test_a_module_reruns_only_the_stages_that_import_it(repo, module, expected):
+    path = repo / module
+    before = path.read_text()
+    path.write_text(before + "\n# edited\n")
+    try:
+        assert would_run(repo) == expected
+    finally:
+        path.write_text(before)
+
+
+def test_push_then_a_fresh_clone_pulls_instead_of_retraining(repo):
+    sh(dvc("push"), repo)
+    clone = repo.parent / "teammate"
+    sh(["git", "clone", "-q", str(repo), str(clone)], repo.parent)
+    assert not (clone / "artifacts/model.safetensors").exists()
+    sh(dvc("pull"), clone)
+    assert (clone / "artifacts/model.safetensors").read_bytes() == (repo / "artifacts/model.safetensors").read_bytes()
+    assert would_run(clone) == []
+    assert "up to date" in sh(dvc("status"), clone)
+
+
+def test_the_leaderboard_profile_is_valid_params():
+    from pgolf import params
+    from pgolf.params import CacheParams, EvalParams, ModelParams, QuantParams, TrainParams, VerifyParams
+
+    p = params.load(REPO / "profiles" / "8xh100.yaml")
+    assert set(p) == set(default_params())
+    model = params.section(p, "model", ModelParams)
+    train = params.section(p, "train", TrainParams)
+    ev = params.section(p, "eval", EvalParams)
+    for name, cls in (("quant", QuantParams), ("cache", CacheParams), ("verify", VerifyParams)):
+        params.section(p, name, cls)
+    assert (model.layers, model.dim, model.heads, model.kv_heads) == (9, 512, 8, 4)
+    assert train.max_seconds == 600 and train.grad_accum % 8 == 0 and ev.stride == 64
