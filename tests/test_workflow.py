@@ -146,3 +146,11 @@ def test_the_leaderboard_profile_is_valid_params():
         params.section(p, name, cls)
     assert (model.layers, model.dim, model.heads, model.kv_heads) == (9, 512, 8, 4)
     assert train.max_seconds == 600 and train.grad_accum % 8 == 0 and ev.stride == 64
+
+
+def test_compare_reads_real_experiments(repo):
+    sh(dvc("exp", "run", "-n", "seed7", "-S", "seed=7"), repo)
+    out = sh([sys.executable, "-m", "pgolf.compare"], repo)
+    rows = [line for line in out.splitlines() if "(baseline params)" in line]
+    assert len(rows) == 1 and rows[0].split()[0] == "2", out  # seeds 1337 and 7 in one group
+    assert "Welch" in out
