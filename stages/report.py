@@ -213,8 +213,9 @@ def main() -> None:
     write_json(METRICS / "report.json", report)
     write_bytes(REPORT, markdown(report, rules, p, stage_metrics).encode())
     broken = [r.name for r in rules if not r.passed]
-    print(f"report: val_bpb {report['val_bpb_scored']:.4f} ({score['mode']}), {report['val_bpb_cache']:.4f} with the cache; "
-          f"artifact {artifact_bytes:,} bytes; {len(rules) - len(broken)}/{len(rules)} rules pass -> {REPORT}")
+    print(f"report: val_bpb {pre:.4f} float -> {post:.4f} packed (non-overlapping), {report['val_bpb_scored']:.4f} {score['mode']}, "
+          f"{report['val_bpb_cache']:.4f} with the cache; artifact {artifact_bytes:,} bytes; "
+          f"{len(rules) - len(broken)}/{len(rules)} rules pass -> {REPORT}")
     if broken and vp.strict:
         raise StageError(f"{REPORT}: broken rules: {', '.join(broken)} (verify.strict is true)")
 
