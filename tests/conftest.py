@@ -91,3 +91,22 @@ def make_data(root: Path, fineweb: Path) -> Path:
     shutil.copy(fineweb / "tokenizers" / "fineweb_1024_bpe.model", root / "data" / "tokenizer.model")
     return root
 
+
+
+def shards_params(fineweb: Path, src: Path, val_tokens: int, train_tokens: int) -> dict:
+    """Default params with data.source = shards: the FineWeb sample cut at document boundaries into a
+    val shard of about val_tokens and a train shard of the next documents up to train_tokens, in src."""
+    import numpy as np
+
+    from pgolf import shards, windows
+
+    tokens = shards.read_tokens(fineweb / "val_head_sp1024.bin")
+    starts = windows.doc_starts(tokens, 1)
+    val_end, train_end = starts[np.searchsorted(starts, val_tokens)], starts[np.searchsorted(starts, train_tokens)]
+    src.mkdir(parents=True, exist_ok=True)
+    shards.write_shard(src / "fineweb_val_000000.bin", tokens[:val_end])
+    shards.write_shard(src / "fineweb_train_000000.bin", tokens[val_end:train_end])
+    p = default_params()
+    p["data"].update(source="shards", shards=str(src), val_docs=None)
+    p["tokenizer"].update(model=str(fineweb / "tokenizers" / "fineweb_1024_bpe.model"))
+    return p

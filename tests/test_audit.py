@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import default_params, run_stage
+from conftest import run_stage, shards_params
 from pgolf import audit, cache, shards, tokenizer, windows
 from pgolf.bpb import ByteTables
 from pgolf.params import CacheParams
@@ -154,16 +154,8 @@ def test_budgets_and_overlap_rules():
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, fineweb):
-    src = tmp_path_factory.mktemp("src")
-    tokens = shards.read_tokens(fineweb / "val_head_sp1024.bin")
-    starts = windows.doc_starts(tokens, 1)
-    val_end, train_end = starts[np.searchsorted(starts, 6000)], starts[np.searchsorted(starts, 40000)]
-    shards.write_shard(src / "fineweb_val_000000.bin", tokens[:val_end])
-    shards.write_shard(src / "fineweb_train_000000.bin", tokens[val_end:train_end])
+    p = shards_params(fineweb, tmp_path_factory.mktemp("src"), 6000, 40000)
     root = tmp_path_factory.mktemp("run")
-    p = default_params()
-    p["data"].update(source="shards", shards=str(src), val_docs=None)
-    p["tokenizer"].update(model=str(fineweb / "tokenizers" / "fineweb_1024_bpe.model"))
     p["model"].update(layers=2, dim=32, heads=2, kv_heads=1, mlp_mult=2)
     p["train"].update(seq_len=32, batch_tokens=512, grad_accum=4, iterations=4, warmdown_iters=2, val_tokens=2048, val_batch_seqs=16, log_every=1, checkpoint_every=0)
     p["quant"].update(calib_seqs=8, seq_len=32)

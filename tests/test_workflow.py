@@ -9,12 +9,10 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO, default_params
-from pgolf import shards, windows
+from conftest import REPO, default_params, shards_params
 
 ALL = ["tokenize", "train", "calibrate", "pack", "score", "rescore", "report"]
 GIT = ["git", "-c", "user.name=pgolf-test", "-c", "user.email=test@pgolf.invalid"]
@@ -40,15 +38,7 @@ def would_run(repo, downstream: bool = True) -> list[str]:
 
 
 def micro_params(fineweb, src) -> dict:
-    tokens = shards.read_tokens(fineweb / "val_head_sp1024.bin")
-    starts = windows.doc_starts(tokens, 1)
-    val_end, train_end = starts[np.searchsorted(starts, 3000)], starts[np.searchsorted(starts, 20000)]
-    src.mkdir()
-    shards.write_shard(src / "fineweb_val_000000.bin", tokens[:val_end])
-    shards.write_shard(src / "fineweb_train_000000.bin", tokens[val_end:train_end])
-    p = default_params()
-    p["data"].update(source="shards", shards=str(src), val_docs=None)
-    p["tokenizer"].update(model=str(fineweb / "tokenizers" / "fineweb_1024_bpe.model"))
+    p = shards_params(fineweb, src, 3000, 20000)
     p["model"].update(layers=1, dim=16, heads=2, kv_heads=1)
     p["train"].update(seq_len=32, batch_tokens=256, grad_accum=2, iterations=2, warmdown_iters=1, val_tokens=1024, log_every=1, checkpoint_every=0, compile=False)
     p["quant"].update(calib_seqs=4, seq_len=32)
