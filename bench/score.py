@@ -61,7 +61,7 @@ def artifact_model(shards_dir: Path, tmp: Path) -> torch.nn.Module:
     calib = TokenStream(shards.list_shards(shards_dir, "train")).take(q.calib_seqs * q.seq_len + 1)
     hessians = quantize.collect_hessians(model, calib[:-1].reshape(q.calib_seqs, -1), calib[1:].reshape(q.calib_seqs, -1))
     tensors, meta = quantize.quantize_model(model, hessians, q)
-    blob, _ = artifact.pack(tensors, {f"{n}.codes": i["bits"] for n, i in meta["tensors"].items()}, {"model": meta["model"], "quantized": meta["quantized"]})
+    blob, _ = artifact.pack_quantized(tensors, meta)
     return artifact.model_from_tensors(*artifact.unpack(blob))
 
 

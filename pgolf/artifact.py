@@ -134,6 +134,13 @@ def pack(tensors: dict[str, torch.Tensor], bits: dict[str, int], meta: dict, lev
     return body + hashlib.sha256(body).digest(), report
 
 
+def pack_quantized(tensors: dict[str, torch.Tensor], meta: dict, level: int = 22) -> tuple[bytes, dict]:
+    """pack() for calibrate's output: each matrix's codes at its bit width, the network's params in the header."""
+    bits = {n: info["bits"] for n, info in meta["tensors"].items()}
+    header = {"model": meta["model"], "quantized": meta["quantized"], "bits": bits}
+    return pack(tensors, {f"{n}.codes": b for n, b in bits.items()}, header, level)
+
+
 def unpack(blob: bytes, where: str = "artifact") -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors and metadata of an artifact; any damage or absurd size is an InputError naming `where`."""
     if len(blob) < len(MAGIC) + 4 + 32 or blob[: len(MAGIC)] != MAGIC:

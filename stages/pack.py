@@ -20,9 +20,7 @@ def main() -> None:
     pk = params.section(params.load(), "pack", PackParams)
     t = time.perf_counter()
     tensors, meta = checkpoint.read_safetensors(QUANTIZED)
-    bits = {f"{name}.codes": info["bits"] for name, info in meta["tensors"].items()}
-    header_meta = {"model": meta["model"], "quantized": meta["quantized"], "bits": {n: i["bits"] for n, i in meta["tensors"].items()}}
-    blob, report = artifact.pack(tensors, bits, header_meta, pk.level)
+    blob, report = artifact.pack_quantized(tensors, meta, pk.level)
     filters = report["filters"]
     files = code_files(LOADER_MODULE)
     n_code = code_bytes(files)

@@ -150,7 +150,7 @@ def packed(tmp_path_factory, fineweb):
             param.normal_(0, 0.1)
     q = QuantParams(**dict(p["quant"], method="rtn", bits=QuantBits(6, 6, 8)))
     tensors, meta = quantize.quantize_model(model, {}, q)
-    blob, _ = artifact.pack(tensors, {f"{n}.codes": i["bits"] for n, i in meta["tensors"].items()}, {"model": meta["model"], "quantized": meta["quantized"]})
+    blob, _ = artifact.pack_quantized(tensors, meta)
     (root / "artifacts").mkdir()
     (root / "artifacts/model.pgolf").write_bytes(blob)
     p["eval"].update(seq_len=64, stride=16, batch=8)
