@@ -50,7 +50,7 @@ def main() -> None:
         else:
             model_p, train_p = comparison_params(300)
             model = trainer.build(model_p, 1337, d.device)
-            trainer.train(model, train_p, d, shards_dir, Path(tmp) / "run")
+            trainer.train(model, train_p, d, shards_dir, Path(tmp) / "run", 1337)
             checkpoint.save_model(cached, model)
         tables = ByteTables.from_sentencepiece(args.fineweb / "tokenizers" / "fineweb_1024_bpe.model")
         val = validation_tokens(shards_dir, 256, 262_144)

@@ -77,7 +77,7 @@ def main() -> None:
         tables = ByteTables.from_sentencepiece(model_file)
         for seed in args.seeds:
             model = trainer.build(model_p, seed, d.device)
-            run = trainer.train(model, train_p, d, shards_dir, Path(tmp) / f"run{seed}")
+            run = trainer.train(model, train_p, d, shards_dir, Path(tmp) / f"run{seed}", seed)
             val_loss, val_bpb = evaluate(model, val, 256, 64, tables, d)
             checkpoint.save_model(CACHE / f"model_{seed}_{args.steps}.safetensors", model, {"val_bpb": val_bpb})
             ms = run.train_ms / run.step

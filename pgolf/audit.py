@@ -16,6 +16,8 @@ from typing import Protocol
 
 import numpy as np
 
+from pgolf.progress import Progress
+
 SUM_TOLERANCE = 1e-6
 TARGET_TOLERANCE = 1e-5  # relative: pass-1 NLLs are float32, rebuilt here one window at a time
 
@@ -59,6 +61,7 @@ def normalization(
     model_prob: np.ndarray,
     entropy: np.ndarray,
     recorded: np.ndarray,
+    progress: Progress | None = None,
 ) -> Rule:
     """Walk the stream to the last audited target; at each, every candidate's probability must sum to 1
     and the target's must equal what was recorded. Between audited targets only update() is called,
@@ -72,6 +75,10 @@ def normalization(
             worst_sum = max(worst_sum, abs(float(np.sum(p, dtype=np.float64)) - 1.0))
             worst_target = max(worst_target, abs(float(p[y]) - recorded[t - 1]) / recorded[t - 1])
         scorer.update(y, float(model_prob[t - 1]), float(entropy[t - 1]))
+        if progress is not None:
+            progress.update()
+    if progress is not None:
+        progress.done(f"{len(audited)} positions")
     passed = worst_sum <= SUM_TOLERANCE and worst_target <= TARGET_TOLERANCE
     return Rule(
         "normalization", passed, worst_sum, SUM_TOLERANCE,

@@ -26,19 +26,28 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict) 
         save_file(tensors, str(tmp), metadata={"pgolf": json.dumps(meta)})
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors and pgolf metadata of a safetensors file written by pgolf; errors name the file."""
+def read_meta(path: Path) -> dict:
+    """The pgolf metadata of a safetensors file, without reading its tensors; errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: checkpoint not found")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("pgolf", "null"))
-        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise InputError(f"{path}: not a readable safetensors checkpoint ({exc})") from None
     if not isinstance(meta, dict) or "model" not in meta:
         raise InputError(f"{path}: no pgolf metadata (model params) in this safetensors file")
+    return meta
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and pgolf metadata of a safetensors file written by pgolf; errors name the file."""
+    meta = read_meta(path)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable safetensors checkpoint ({exc})") from None
     return tensors, meta
 
 
@@ -71,6 +80,9 @@ def load_state(path: Path, model: GPT, optimizers: list[torch.optim.Optimizer]) 
     tensors, meta = read_safetensors(path)
     if meta["model"] != dataclasses.asdict(model.p):
         raise InputError(f"{path}: saved with other model params than params.yaml's; cannot resume")
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise InputError(f"{path}: {len(bad)} non-finite tensors ({', '.join(bad[:3])}): not a state to resume; delete it")
     model.load_state_dict({k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}, strict=True)
     for i, opt in enumerate(optimizers):
         state: dict[int, dict] = {}

@@ -60,6 +60,12 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
 
 
+def mean_pm(xs: list[float]) -> str:
+    """'mean ± std', or 'mean (one run)': one run has no spread to show, not a spread of 0."""
+    m, sd = mean_std(xs)
+    return f"{m:.4f} ± {sd:.4f}" if len(xs) > 1 else f"{m:.4f} (one run)"
+
+
 def welch_one_sided(base: list[float], new: list[float], margin: float = 0.0) -> tuple[float, float, float]:
     """(t, df, p) for H1: mean(base) − mean(new) > margin (lower is better); needs 2+ runs on each side."""
     (mb, sb), (mn, sn) = mean_std(base), mean_std(new)
@@ -126,11 +132,11 @@ def main() -> None:
     base = [r[METRICS[args.metric]] for r in by_group[base_key]]
     print(f"{'n':>3} {'val_bpb':>17} {'val_loss':>17} {'t':>7} {'df':>6} {'p':>8}  params vs baseline")
     for g, rs in sorted(by_group.items(), key=lambda kv: mean_std([r[METRICS[args.metric]] for r in kv[1]])[0]):
-        bpb, loss = mean_std([r[METRICS["val_bpb"]] for r in rs]), mean_std([r[METRICS["val_loss"]] for r in rs])
+        bpb, loss = mean_pm([r[METRICS["val_bpb"]] for r in rs]), mean_pm([r[METRICS["val_loss"]] for r in rs])
         new = [r[METRICS[args.metric]] for r in rs]
         test = welch_one_sided(base, new, args.margin) if len(new) > 1 and len(base) > 1 and g != base_key else None
         stats = f"{test[0]:>7.2f} {test[1]:>6.1f} {test[2]:>8.4f}" if test else f"{'':>7} {'':>6} {'':>8}"
-        print(f"{len(rs):>3} {bpb[0]:.4f} ± {bpb[1]:.4f} {loss[0]:.4f} ± {loss[1]:.4f} {stats}  {differences(g, base_key)}")
+        print(f"{len(rs):>3} {bpb:>17} {loss:>17} {stats}  {differences(g, base_key)}")
     print(f"one-sided Welch t-test on {args.metric}: H1 baseline − group > {args.margin}; a record needs p < 0.01")
 
 

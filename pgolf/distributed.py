@@ -55,4 +55,11 @@ def relaunch_under_torchrun(module: str) -> None:
     nproc = int(os.environ.get("PGOLF_NPROC", "1"))
     if nproc > 1 and "RANK" not in os.environ:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module]
-        sys.exit(subprocess.call(cmd))
+        launcher = subprocess.Popen(cmd)
+        try:
+            code = launcher.wait()
+        except BaseException:  # Ctrl-C or SIGTERM here: torchrun stops its workers on SIGTERM
+            launcher.terminate()
+            launcher.wait()
+            raise
+        sys.exit(code)

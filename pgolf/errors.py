@@ -1,9 +1,6 @@
 """Errors that end a stage with one clear message (no traceback): bad input, or a run that went wrong."""
 from __future__ import annotations
 
-import sys
-from typing import Callable
-
 
 class StageError(Exception):
     """Ends a stage: run_stage prints the message alone and exits with status 2."""
@@ -16,11 +13,3 @@ class InputError(StageError):
 class TrainingDiverged(StageError):
     """The loss stopped being finite; the message names the last good checkpoint."""
 
-
-def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage's main; a StageError ends it with its one message and exit status 2."""
-    try:
-        main()
-    except StageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)

@@ -9,6 +9,8 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
+from pgolf.errors import StageError
+
 
 def _tmp_sibling(final: Path) -> Path:
     return final.parent / f".{final.name}.tmp-{os.getpid()}"
@@ -21,10 +23,22 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _clear_leftovers(final: Path) -> None:
-    # A killed run leaves its temporaries behind; they are never valid output.
-    for stale in final.parent.glob(f".{final.name}.tmp-*"):
-        _remove(stale)
+    # A killed run leaves its temporaries behind; they are never valid output. A live process's are its own.
+    for stale in final.parent.glob(f".{final.name}.*-*"):
+        kind, _, pid = stale.name.rpartition("-")
+        if kind.endswith((".tmp", ".old")) and not _alive(pid):
+            _remove(stale)
 
 
 def _replace(tmp: Path, final: Path) -> None:
@@ -42,7 +56,8 @@ def staged(*finals: Path) -> Iterator[list[Path]]:
     """Yield one temporary path per final path (file or directory).
 
     If the block finishes, each temporary replaces its final path; if it raises, the
-    temporaries are deleted and whatever stood at the final paths is left untouched.
+    temporaries are deleted and whatever stood at the final paths is left untouched. A StageError's
+    message names the final paths, never the temporaries the user has not heard of.
     """
     finals_ = [Path(f) for f in finals]
     tmps = []
@@ -52,9 +67,14 @@ def staged(*finals: Path) -> Iterator[list[Path]]:
         tmps.append(_tmp_sibling(final))
     try:
         yield tmps
-    except BaseException:
+    except BaseException as exc:
         for tmp in tmps:
             _remove(tmp)
+        if isinstance(exc, StageError):
+            message = str(exc)
+            for tmp, final in zip(tmps, finals_):
+                message = message.replace(str(tmp), str(final))
+            raise type(exc)(message) from None
         raise
     for tmp, final in zip(tmps, finals_):
         if not tmp.exists():

@@ -11,7 +11,8 @@ from torch import Tensor
 
 
 def ns_dtype(device: torch.device) -> torch.dtype:
-    # bf16 as in the baseline on GPUs; float32 on CPUs, where bf16 matmuls are ~40x slower (measured here).
+    # bf16 as in the baseline on GPUs. float32 on CPUs, for exactness, not speed: bf16 speed there depends on the
+    # processor (bench/newton_schulz.py: 0.5-0.8x the float32 time on an AMD EPYC with avx512_bf16; +30% elsewhere).
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 

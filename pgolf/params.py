@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -84,8 +85,8 @@ class ModelParams:
             raise InputError(f"params.yaml: model.heads ({self.heads}) must be a multiple of model.kv_heads ({self.kv_heads})")
         if self.vocab_size > MAX_VOCAB:
             raise InputError(f"params.yaml: model.vocab_size is {self.vocab_size}; shards hold ids below {MAX_VOCAB:,}")
-        if self.logit_softcap <= 0:
-            raise InputError("params.yaml: model.logit_softcap must be positive")
+        if not self.logit_softcap > 0 or not self.rope_base > 0 or not self.tied_embed_init_std >= 0:
+            raise InputError("params.yaml: model.logit_softcap and model.rope_base must be positive, model.tied_embed_init_std >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,9 +245,10 @@ def scalar(params: dict[str, Any], name: str, kind: type[T], path: Path = PARAMS
     """A top-level scalar param such as `seed`."""
     if name not in params:
         raise InputError(f"{path}: missing key {name}")
-    if not _matches(params[name], kind):
+    value = _number(params[name], kind)
+    if not _matches(value, kind):
         raise InputError(f"{path}: {name} is {params[name]!r}; expected {_describe(kind)}")
-    return params[name]
+    return value
 
 
 def section(params: dict[str, Any], name: str, cls: type[T], path: Path = PARAMS_FILE) -> T:
@@ -271,10 +273,24 @@ def _build(cls: type[T], raw: Any, prefix: str, path: Path) -> T:
         if dataclasses.is_dataclass(hints[key]):
             values[key] = _build(hints[key], raw[key], f"{prefix}.{key}", path)
             continue
-        if not _matches(raw[key], hints[key]):
+        value = _number(raw[key], hints[key])
+        if not _matches(value, hints[key]):
             raise InputError(f"{path}: {prefix}.{key} is {raw[key]!r}; expected {_describe(hints[key])}")
-        values[key] = raw[key]
+        values[key] = value
     return cls(**values)
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _number(value: Any, hint: Any) -> Any:
+    """A string written as a number, for a numeric key: YAML 1.1 reads `1e6` (no dot) as a string."""
+    if not isinstance(value, str) or not _NUMBER.fullmatch(value.strip()):
+        return value
+    number = float(value)
+    if _matches(number, hint):
+        return number
+    return int(number) if number.is_integer() and _matches(0, hint) else value
 
 
 def _matches(value: Any, hint: Any) -> bool:

@@ -11,7 +11,7 @@ def _fmt(n: float, unit: str) -> str:
             if n >= scale:
                 return f"{n / scale:.1f} {suffix}"
         return f"{n:.0f} B"
-    return f"{n:,.0f} {unit}"
+    return f"{n:.2f} {unit}" if n < 10 and n != int(n) else f"{n:,.0f} {unit}"  # slow rates: not "0 items/s"
 
 
 def _clock(seconds: float) -> str:
@@ -25,17 +25,17 @@ class Progress:
         self.count = 0.0
         self.start = self.last = time.monotonic()
 
-    def update(self, n: float = 1, count: float | None = None) -> None:
-        """Add n, or set the running count; log if `every` seconds have passed."""
+    def update(self, n: float = 1, count: float | None = None, what: str = "") -> None:
+        """Add n, or set the running count; log (naming `what` was just done) if `every` seconds have passed."""
         self.count = count if count is not None else self.count + n
         now = time.monotonic()
         if now - self.last >= self.every:
             self.last = now
-            self._log(now)
+            self._log(now, what)
 
-    def _log(self, now: float) -> None:
+    def _log(self, now: float, what: str = "") -> None:
         rate = self.count / max(now - self.start, 1e-9)
-        line = f"{self.what}: {_fmt(self.count, self.unit)}"
+        line = f"{self.what}: {what + ', ' if what else ''}{_fmt(self.count, self.unit)}"
         if self.total:
             eta = (self.total - self.count) / rate if rate > 0 else float("inf")
             line += f" / {_fmt(self.total, self.unit)} ({100 * self.count / self.total:.0f}%)"

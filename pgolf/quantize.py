@@ -34,7 +34,7 @@ def tensor_class(name: str) -> str | None:
 VOCAB_CHUNK = 32  # vocabulary rows per step when accumulating per-row Hessians (bounds memory)
 
 
-def collect_hessians(model: GPT, inputs: np.ndarray, targets: np.ndarray, batch_seqs: int = 8) -> dict[str, torch.Tensor]:
+def collect_hessians(model: GPT, inputs: np.ndarray, targets: np.ndarray, batch_seqs: int = 8, progress: Progress | None = None) -> dict[str, torch.Tensor]:
     """Float64 Hessians of every quantized matrix over calibration sequences (inputs, targets [n, seq]).
 
     Block matrices and an untied head get H = XᵀX of their inputs. A tied embedding gets one Hessian
@@ -65,6 +65,8 @@ def collect_hessians(model: GPT, inputs: np.ndarray, targets: np.ndarray, batch_
                     add("lm_head.weight", model.hidden(idx))
             else:
                 _add_tied_embedding(model, idx, tgt, hessians)
+            if progress is not None:
+                progress.update(len(idx))
     finally:
         for hook in hooks:
             hook.remove()
@@ -115,7 +117,7 @@ def quantize_model(model: GPT, hessians: dict[str, torch.Tensor], q: QuantParams
     names = [n for n in state if tensor_class(n)]
     tensors: dict[str, torch.Tensor] = {n: v for n, v in state.items() if not tensor_class(n)}
     info: dict[str, dict] = {}
-    progress = Progress("calibrate", total=len(names), unit="tensors", every=10)
+    progress = Progress("calibrate: quantize", total=len(names), unit="tensors")
     for i, name in enumerate(names):
         w, cls = state[name], tensor_class(name)
         bits = getattr(q.bits, cls)
@@ -145,7 +147,7 @@ def quantize_model(model: GPT, hessians: dict[str, torch.Tensor], q: QuantParams
             "h_error": float(gptq.h_error(err, H).sum() / gptq.h_error(w.double(), H).sum()),
         }
         progress.update()
-    progress.done(f"{q.method}, bits attn/mlp/embed = {q.bits.attn}/{q.bits.mlp}/{q.bits.embed}")
+    progress.done(f"{q.method}, bits attn/mlp/embed = {q.bits.attn}/{q.bits.mlp}/{q.bits.embed}")  # its own share of the time
     return tensors, {"model": dataclasses.asdict(model.p), "quantized": names, "tensors": info}
 
 

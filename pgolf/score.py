@@ -87,10 +87,10 @@ def score_stream(model: GPT, tokens: np.ndarray, w: Windows, batch: int, d: Dist
     model.train(was_training)
 
 
-def records(tokens: np.ndarray, w: Windows, i: int, j: int, scores: np.ndarray, tables: ByteTables, starts: np.ndarray) -> pa.RecordBatch:
-    """The per-token records of windows i..j-1 given their [2, targets] scores."""
+def records(tokens: np.ndarray, w: Windows, i: int, j: int, scores: np.ndarray, tables: ByteTables, starts: np.ndarray) -> list[np.ndarray]:
+    """The per-token record columns (SCHEMA's order) of windows i..j-1 given their [2, targets] scores."""
     pos = w.targets(i, j)
-    columns = [
+    return [
         pos,
         doc_of(pos, starts),
         tokens[pos].astype(np.int32),
@@ -99,7 +99,35 @@ def records(tokens: np.ndarray, w: Windows, i: int, j: int, scores: np.ndarray, 
         scores[1].astype(np.float32),
         tables.target_bytes(tokens[pos - 1], tokens[pos]).astype(np.int32),
     ]
-    return pa.RecordBatch.from_arrays([pa.array(c) for c in columns], schema=SCHEMA)
+
+
+class RowGroups:
+    """Records written to parquet in row groups of ROW_GROUP rows, through one preallocated buffer.
+
+    Each batch's columns are copied in and dropped at once. Holding every batch until its row group
+    was full kept thousands of small arrays alive between the model's large activation buffers, and
+    they pinned glibc's heap: at stride 1 (8-row batches) the score stage grew by about 65 MB/s.
+    """
+
+    def __init__(self, writer: pq.ParquetWriter | None):
+        self.writer, self.fill = writer, 0
+        self.columns = [np.empty(ROW_GROUP if writer else 0, f.type.to_pandas_dtype()) for f in SCHEMA]
+
+    def add(self, columns: list[np.ndarray]) -> None:
+        n, start = len(columns[0]), 0
+        while self.writer and start < n:
+            take = min(n - start, ROW_GROUP - self.fill)
+            for buf, col in zip(self.columns, columns):
+                buf[self.fill : self.fill + take] = col[start : start + take]
+            self.fill, start = self.fill + take, start + take
+            if self.fill == ROW_GROUP:
+                self.flush()
+
+    def flush(self) -> None:
+        if self.writer and self.fill:
+            table = pa.Table.from_arrays([pa.array(buf[: self.fill]) for buf in self.columns], schema=self.writer.schema)
+            self.writer.write_table(table, row_group_size=ROW_GROUP)
+        self.fill = 0
 
 
 @dataclass(frozen=True)
@@ -130,24 +158,20 @@ def write_records(
             pass
         return None
     starts = doc_starts(tokens, bos_id)
-    n_tokens, nll, n_bytes, pending = 0, 0.0, 0, []
+    n_tokens, nll, n_bytes = 0, 0.0, 0
     schema = SCHEMA.with_metadata({"vocab_size": str(model.p.vocab_size)})  # the distribution's support, for rescore
     writer = pq.ParquetWriter(path, schema, compression="zstd") if path else None
+    groups = RowGroups(writer)
     for i, j, scores in stream:
-        rec = records(tokens, w, i, j, scores, tables, starts)
+        columns = records(tokens, w, i, j, scores, tables, starts)
         nll += float(np.sum(scores[0], dtype=np.float64))
-        n_bytes += int(np.sum(rec.column("bytes").to_numpy(), dtype=np.int64))
-        n_tokens += rec.num_rows
-        if writer:
-            pending.append(rec)
-            if sum(r.num_rows for r in pending) >= ROW_GROUP:
-                writer.write_table(pa.Table.from_batches(pending, schema), row_group_size=ROW_GROUP)
-                pending = []
+        n_bytes += int(np.sum(columns[-1], dtype=np.int64))
+        n_tokens += len(columns[0])
+        groups.add(columns)
         if progress:
-            progress.update(rec.num_rows)
+            progress.update(len(columns[0]))
     if writer:
-        if pending:
-            writer.write_table(pa.Table.from_batches(pending, schema), row_group_size=ROW_GROUP)
+        groups.flush()
         writer.close()
     return Totals(n_tokens, nll, n_bytes)
 

@@ -49,12 +49,19 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_model: Path) -> spm.Sen
     The model's bytes depend only on the texts and the settings, so DVC sees a rerun as unchanged.
     """
 
+    fed, failure = [0], []
+
     def sentences():
-        # As the official exporter feeds its trainer: NULs to spaces, stripped, empty skipped.
-        for text in texts:
-            text = text.replace("\x00", " ").strip()
-            if text:
-                yield text
+        # As the official exporter feeds its trainer: NULs to spaces, stripped, empty skipped. An error
+        # while reading (a bad document) is kept and raised as it is, not as SentencePiece's INTERNAL.
+        try:
+            for text in texts:
+                text = text.replace("\x00", " ").strip()
+                if text:
+                    fed[0] += 1
+                    yield text
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the trainer has returned
+            failure.append(exc)
 
     model = io.BytesIO()  # written in memory: a model_prefix path would be recorded in the model
     try:
@@ -62,6 +69,12 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_model: Path) -> spm.Sen
             sentence_iterator=sentences(), model_writer=model, vocab_size=vocab_size, minloglevel=2, **CHALLENGE_SETTINGS
         )
     except RuntimeError as exc:
-        raise InputError(f"tokenizer training failed (tokenizer.vocab_size={vocab_size}): {exc}") from None
+        if not failure and not fed[0]:
+            raise InputError("params.yaml: no documents left to train the tokenizer on: data.val_docs takes them all "
+                             "(the tokenizer never sees validation); lower data.val_docs, add documents or set tokenizer.model") from None
+        if not failure:
+            raise InputError(f"tokenizer training failed (tokenizer.vocab_size={vocab_size}): {str(exc).splitlines()[-1]}") from None
+    if failure:
+        raise failure[0]
     write_bytes(out_model, model.getvalue())
     return load(out_model)

@@ -6,6 +6,7 @@ global batch the same for any process count; the wallclock decision is shared by
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -13,9 +14,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from pgolf import checkpoint
+from pgolf import checkpoint, shards
 from pgolf.distributed import Dist, all_reduce
 from pgolf.errors import InputError, TrainingDiverged
 from pgolf.evaluate import autocast
@@ -23,6 +25,12 @@ from pgolf.loader import TrainLoader
 from pgolf.model import GPT
 from pgolf.muon import Muon
 from pgolf.params import ModelParams, TrainParams
+
+# Train settings that cannot change the trained weights: the only ones a resume may differ in.
+NOT_RESULT = ("resume", "log_every", "checkpoint_every", "val_tokens", "val_batch_seqs")
+UNIFORM_NATS = 0.01  # a loss this close to ln(vocab) is a uniform prediction ...
+UNIFORM_STEPS = 10  # ... and this many such steps in a row get a warning in the log
+clock = time.perf_counter  # the training clock (tests replace it: no test depends on the machine's speed)
 
 
 @dataclass
@@ -34,6 +42,7 @@ class Run:
     stopped_by: str = "iterations"
     curve: list[list[float]] = field(default_factory=list)  # [step, train_loss, lr_scale, train_ms]
     loader: dict = field(default_factory=lambda: {"file": 0, "pos": 0})
+    uniform_steps: int = 0  # steps whose loss was ln(vocab): the model predicted nothing
 
     @property
     def train_loss(self) -> float:
@@ -80,12 +89,57 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted(Path(run_dir).glob("step_*.safetensors"))
 
 
+def identity(model: GPT, t: TrainParams, seed: int, shards_dir: Path) -> dict:
+    """Everything a run's weights depend on: a resume continues only a run with the same identity."""
+    train = {k: v for k, v in dataclasses.asdict(t).items() if k not in NOT_RESULT}
+    return {"seed": seed, "model": dataclasses.asdict(model.p), "train": train, "data": shards.fingerprint(shards_dir, "train")}
+
+
+def differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """'key saved -> now' for every leaf that differs between two nested dicts."""
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} {a!r} -> {b!r}")
+    return out
+
+
+def _resumable(path: Path, ident: dict) -> str:
+    """Why the checkpoint at `path` cannot continue a run of identity `ident` ('' if it can)."""
+    saved = checkpoint.read_meta(path).get("identity")
+    if saved is None:
+        return "it records no settings (saved by an older pgolf)"
+    diff = differences(saved, ident)
+    return f"it was saved with other settings: {'; '.join(diff[:4])}{' ...' if len(diff) > 4 else ''}" if diff else ""
+
+
+def _non_finite(d: Dist, model: GPT, opts: list[torch.optim.Optimizer]) -> list[str]:
+    """Names of non-finite weights and optimizer states, the same list on every process."""
+    bad = [f"model/{n}" for n, v in model.state_dict().items() if not torch.isfinite(v).all()]
+    for i, opt in enumerate(opts):
+        for index, state in opt.state_dict()["state"].items():
+            bad += [f"opt{i}/{index}/{k}" for k, v in state.items() if torch.is_tensor(v) and not torch.isfinite(v).all()]
+    any_bad = all_reduce(torch.tensor(float(len(bad)), device=d.device), "max").item()
+    return bad or (["(on another process)"] if any_bad else [])
+
+
+def _diverged(what: str, run_dir: Path) -> TrainingDiverged:
+    last = checkpoints(run_dir)
+    where = (f"last good checkpoint: {last[-1]} (every tensor finite; resumed with the same settings it replays the same steps)"
+             if last else "no checkpoint was saved (train.checkpoint_every is 0 or not reached)")
+    return TrainingDiverged(f"train: {what}; {where}. Lower the learning rates or set train.grad_clip_norm (other settings start afresh)")
+
+
 def train(
     model: GPT,
     t: TrainParams,
     d: Dist,
     shards_dir: Path,
     run_dir: Path,
+    seed: int,
     on_step: Callable[[Run], None] | None = None,
 ) -> Run:
     """Train `model` in place; return where the loop ended, with its loss curve."""
@@ -128,14 +182,21 @@ def train(
     run = Run()
     run_dir.mkdir(parents=True, exist_ok=True)
     saved = checkpoints(run_dir)
-    if t.resume and saved:
+    ident = identity(model, t, seed, shards_dir)
+    why_not = _resumable(saved[-1], ident) if t.resume and saved else "train.resume is false"
+    if saved and not why_not:
         meta = checkpoint.load_state(saved[-1], model, opts)
         run = Run(**meta["run"])
         loader.stream.restore(run.loader)
         _log(d, f"train: resuming from {saved[-1]} at step {run.step}")
-    elif d.main:
-        for old in saved:  # a fresh run: stale checkpoints must not be resumed later
-            old.unlink()
+    else:
+        if t.resume and saved:
+            _log(d, f"train: not resuming {saved[-1]}: {why_not}; starting afresh")
+        if d.distributed:
+            dist.barrier()  # every process has read the checkpoints before they go
+        if d.main:
+            for old in saved:  # a fresh run: stale checkpoints must not be resumed later
+                old.unlink()
     if t.warmup_steps and not run.step:
         # Prime compiled paths, then restore the initial state so that timing starts from the true init.
         initial = copy.deepcopy(model.state_dict()), [copy.deepcopy(o.state_dict()) for o in opts]
@@ -147,31 +208,37 @@ def train(
         loader.stream.restore({"file": 0, "pos": 0})
 
     _sync(d)
-    t0 = time.perf_counter()
+    t0 = clock()
     base_ms = run.train_ms
+    uniform_loss, streak = math.log(model.p.vocab_size), 0
     while run.step < t.iterations:
-        elapsed = base_ms + 1000 * (time.perf_counter() - t0)
+        elapsed = base_ms + 1000 * (clock() - t0)
         scale = lr_scale(t, run.step, elapsed)
         frac = min(run.step / t.muon_momentum_warmup_steps, 1.0) if t.muon_momentum_warmup_steps > 0 else 1.0
         loss = step_once(scale, (1 - frac) * t.muon_momentum_warmup_start + frac * t.muon_momentum).item()
         run.step += 1
-        run.train_ms = base_ms + 1000 * (time.perf_counter() - t0)
+        run.train_ms = base_ms + 1000 * (clock() - t0)
         run.curve.append([run.step, loss, scale, round(run.train_ms, 1)])
         run.loader = loader.stream.state()
         if not math.isfinite(loss):
-            last = checkpoints(run_dir)
-            raise TrainingDiverged(
-                f"train: the loss is {loss} at step {run.step}; last good checkpoint: "
-                + (f"{last[-1]} (resume with train.resume: true)" if last else "none (train.checkpoint_every is 0 or not reached)")
-            )
+            raise _diverged(f"the loss is {loss} at step {run.step}", run_dir)
+        streak = streak + 1 if abs(loss - uniform_loss) < UNIFORM_NATS else 0
+        run.uniform_steps += UNIFORM_STEPS if streak == UNIFORM_STEPS else streak > UNIFORM_STEPS  # long streaks only
+        if streak == UNIFORM_STEPS:
+            _log(d, f"train: warning: the loss has been {uniform_loss:.4f} = ln(vocab), a uniform prediction, for {streak} steps "
+                    f"(steps {run.step - streak + 1}..{run.step}): the model is not learning; are the learning rates too high?")
         if t.max_seconds > 0:
             over = torch.tensor(float(run.train_ms >= 1000 * t.max_seconds), device=d.device)
             if all_reduce(over, "max").item():
                 run.stopped_by = "time"
         if d.main and t.log_every and (run.step % t.log_every == 0 or run.step == 1):
             _log_step(d, run, t)
-        if t.checkpoint_every and run.step % t.checkpoint_every == 0 and d.main:
-            checkpoint.save_state(run_dir / f"step_{run.step:06d}.safetensors", model, opts, {"run": run.__dict__})
+        if t.checkpoint_every and run.step % t.checkpoint_every == 0:
+            bad = _non_finite(d, model, opts)  # a non-finite state is never saved as resumable
+            if bad:
+                raise _diverged(f"the update of step {run.step} made {len(bad)} tensors non-finite ({', '.join(bad[:3])})", run_dir)
+            if d.main:
+                checkpoint.save_state(run_dir / f"step_{run.step:06d}.safetensors", model, opts, {"run": run.__dict__, "identity": ident})
         if on_step is not None:
             on_step(run)
         if run.stopped_by == "time":

@@ -9,9 +9,10 @@ import time
 import torch
 
 from pgolf import artifact, checkpoint, params
-from pgolf.errors import InputError, run_stage
-from pgolf.files import write_bytes, write_json
-from pgolf.layout import ARTIFACT, LOADER_MODULE, METRICS, QUANTIZED
+from pgolf.errors import InputError
+from pgolf.stage import run_stage
+from pgolf.files import staged, write_bytes, write_json
+from pgolf.layout import ARTIFACT, DETAILS, LOADER_MODULE, METRICS, QUANTIZED
 from pgolf.params import PackParams
 from pgolf.sources import code_bytes, code_files
 
@@ -34,29 +35,31 @@ def main() -> None:
     back, _ = artifact.unpack(blob)
     if back.keys() != tensors.keys() or not all(torch.equal(back[k], tensors[k]) for k in tensors):
         raise RuntimeError("pack: the artifact does not unpack to the calibrated tensors")
-    write_bytes(ARTIFACT, blob)
     raw = sum(v.numel() * v.element_size() for v in tensors.values())
     seconds = time.perf_counter() - t
-    write_json(
-        METRICS / "pack.json",
-        {
-            "total_bytes": total,
-            "weight_bytes": len(blob),
-            "code_bytes": n_code,
-            "byte_limit": pk.byte_limit,
-            "headroom_bytes": pk.byte_limit - total,
-            "code_files": [str(f) for f in files],
-            "raw_tensor_bytes": raw,
-            "compression_ratio": round(raw / len(blob), 3),
-            "layout": report["layout"],
-            "layout_bytes": report["layout_bytes"],
-            "filters": {f: sorted(n for n, v in filters.items() if v == f) for f in sorted(set(filters.values()))},
-            "level": pk.level,
-            "seconds": round(seconds, 2),
-        },
-    )
+    headline = {
+        "total_bytes": total,
+        "weight_bytes": len(blob),
+        "code_bytes": n_code,
+        "byte_limit": pk.byte_limit,
+        "headroom_bytes": pk.byte_limit - total,
+        "raw_tensor_bytes": raw,
+        "compression_ratio": round(raw / len(blob), 3),
+        "layout": report["layout"],
+        "level": pk.level,
+        "seconds": round(seconds, 2),
+    }
+    details = {
+        "code_files": [str(f) for f in files],
+        "layout_bytes": report["layout_bytes"],
+        "filters": {f: sorted(n for n, v in filters.items() if v == f) for f in sorted(set(filters.values()))},
+    }
+    with staged(ARTIFACT, METRICS / "pack.json", DETAILS / "pack.json") as (out, pack_json, details_json):
+        write_bytes(out, blob)
+        write_json(pack_json, headline)
+        write_json(details_json, details)
     print(f"pack: {total:,} bytes = {len(blob):,} weights + {n_code:,} code ({len(files)} files); limit {pk.byte_limit:,} -> {ARTIFACT}")
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main, "pack")

@@ -10,36 +10,50 @@ import io
 import json
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from pgolf import artifact, audit, cache, checkpoint, params, shards, tokenizer, windows
+from pgolf import artifact, audit, cache, checkpoint, params, shards, svgplot, tokenizer, windows
 from pgolf.bpb import ByteTables
 from pgolf.distributed import Dist
 from pgolf.doc_records import hash_doc
-from pgolf.errors import InputError, StageError, run_stage
-from pgolf.files import write_bytes, write_json
-from pgolf.layout import ARTIFACT, CHECKPOINT, DOC_INDEX, LOADER_MODULE, METRICS, QUANTIZED, REPORT, RESCORES, SCORES, SHARDS, TOKENIZER
+from pgolf.errors import InputError, StageError
+from pgolf.stage import run_stage
+from pgolf.files import staged, write_bytes, write_json
+from pgolf.layout import (ARTIFACT, CHECKPOINT, DETAILS, DOC_INDEX, LOADER_MODULE, METRICS, PLOTS, QUANTIZED, REPORT, RESCORES, SCORES, SHARDS,
+                          TOKENIZER, TRAIN_CURVE)
 from pgolf.params import CacheParams, EvalParams, VerifyParams
+from pgolf.progress import Progress
 from pgolf.score import score_batch, write_records
 from pgolf.sources import code_bytes, code_files
 
 CPU = Dist(0, 1, torch.device("cpu"))
 
 
-def metrics(name: str) -> dict:
-    path = METRICS / f"{name}.json"
+STEPS = ("normalization", "causality_cache", "causality_pass1", "rules", "float bpb", "packed bpb", "plots")
+
+
+def metrics(name: str, folder: Path = METRICS) -> dict:
+    path = folder / f"{name}.json"
     if not path.is_file():
-        raise InputError(f"{path}: missing (run the {name} stage)")
+        raise InputError(f"{path}: missing (run dvc repro)")
     return json.loads(path.read_text())
 
 
-def non_overlapping_bpb(model, tokens, ev: EvalParams, tables, bos: int) -> float:
+def details(name: str) -> dict:
+    return metrics(name, DETAILS)
+
+
+def non_overlapping_bpb(model, tokens, ev: EvalParams, tables, bos: int, what: str) -> float:
     plan = windows.plan(tokens, ev.seq_len, ev.seq_len, False, bos)
-    return write_records(model, tokens, plan, ev.batch, tables, bos, CPU, None).val_bpb
+    progress = Progress(f"report: {what}, non-overlapping", len(tokens) - 1, "tokens")
+    bpb = write_records(model, tokens, plan, ev.batch, tables, bos, CPU, None, progress).val_bpb
+    progress.done(f"val_bpb {bpb:.4f}")
+    return bpb
 
 
 def model_dist(model, tokens: np.ndarray, context: np.ndarray):
@@ -104,6 +118,8 @@ def main() -> None:
     vp = params.section(p, "verify", VerifyParams)
     ev, cp = params.section(p, "eval", EvalParams), params.section(p, "cache", CacheParams)
     stage_metrics = {name: metrics(name) for name in ("tokenize", "train", "quant", "pack", "score", "rescore")}
+    quant_details = details("quant")
+    steps = Progress("report", len(STEPS), "steps", every=0)
     for path in (SCORES, RESCORES, ARTIFACT, CHECKPOINT, DOC_INDEX, QUANTIZED):
         if not path.is_file():
             raise InputError(f"{path}: missing (run dvc repro)")
@@ -135,7 +151,9 @@ def main() -> None:
 
     rules: list[audit.Rule] = []
     scorer = cache.CacheScorer(model.p.vocab_size, n, cp, int(tokens[0]))
-    rules.append(audit.normalization(scorer, tokens, positions, model_dist(model, tokens, context), model_prob, entropy, recorded))
+    rules.append(audit.normalization(scorer, tokens, positions, model_dist(model, tokens, context), model_prob, entropy, recorded,
+                                     Progress("report: normalization audit", int(positions.max()), "tokens")))
+    steps.update(what="normalization")
     rng_tail = np.random.default_rng(1)
     mp_changed, ent_changed = model_prob.copy(), entropy.copy()
     mp_changed[cut:] = rng_tail.uniform(1e-4, 1, n - cut)  # a rerun of pass 1 would change these too
@@ -149,9 +167,11 @@ def main() -> None:
         return out.prob
 
     rules.append(audit.causality("causality_cache", rerun, tokens, cut))
+    steps.update(what="causality_cache")
     rules.append(audit.Rule("single_pass", bool(np.array_equal(reruns[0].prob, recorded)), float(np.count_nonzero(reruns[0].prob != recorded)), 0,
                             "records equal one causal pass over the stream: " f"{int(np.count_nonzero(reruns[0].prob != recorded))} of {n} differ"))
     rules.append(pass1_causality(model, tokens, plan, positions, cut, 2))
+    steps.update(what="causality_pass1")
 
     files = code_files(LOADER_MODULE)
     artifact_bytes = ARTIFACT.stat().st_size + code_bytes(files)
@@ -176,12 +196,19 @@ def main() -> None:
         rule = audit.Rule(rule.name, False, rule.figure, 0, f"calibration read the {calib.get('split')!r} split, not train")
     rules.append(rule)
     rules.append(audit.equal("bytes_are_utf8", int(nbytes.sum()), audit.decoded_bytes(sp.decode, tokens, starts), "BPB byte count vs UTF-8 bytes of the decoded validation documents"))
+    steps.update(what="sizes, data and bytes rules")
 
     # Headline figures, measured here on one basis: non-overlapping windows of eval.seq_len, every target once.
-    pre = non_overlapping_bpb(float_model.eval(), tokens, ev, tables, bos)
-    post = non_overlapping_bpb(model, tokens, ev, tables, bos)
+    pre = non_overlapping_bpb(float_model.eval(), tokens, ev, tables, bos, "float checkpoint")
+    steps.update(what="float checkpoint val_bpb")
+    post = non_overlapping_bpb(model, tokens, ev, tables, bos, "packed artifact")
+    steps.update(what="packed artifact val_bpb")
     pack, score, rescore = stage_metrics["pack"], stage_metrics["score"], stage_metrics["rescore"]
-    report = {
+    seconds = {
+        "tokenize": stage_metrics["tokenize"]["seconds"], "train": stage_metrics["train"]["train_seconds"],
+        "calibrate": stage_metrics["quant"]["seconds"], "pack": pack["seconds"], "score": score["seconds"], "rescore": rescore["seconds"],
+    }
+    report = {  # flat headline figures (dvc metrics show); the rules in full go to reports/details/report.json
         "val_bpb_pre_quant": round(pre, 6),
         "val_bpb_post_quant": round(post, 6),
         "quant_penalty": round(post - pre, 6),
@@ -195,34 +222,47 @@ def main() -> None:
         "state_bytes": reruns[0].state_bytes,
         "val_tokens": n,
         "val_bytes": int(nbytes.sum()),
-        "seconds": {
-            "tokenize": stage_metrics["tokenize"]["seconds"], "train": stage_metrics["train"]["train_seconds"],
-            "calibrate": stage_metrics["quant"]["seconds"], "pack": pack["seconds"], "score": score["seconds"], "rescore": rescore["seconds"],
-        },
-        "rules": {r.name: r.as_dict() for r in rules},
-        "passed": all(r.passed for r in rules),
+        "rules": len(rules),
+        "rules_passed": sum(bool(r.passed) for r in rules),
+        "passed": all(bool(r.passed) for r in rules),
         "revision": git_revision(),
     }
-    report["seconds"]["report"] = round(time.perf_counter() - t0, 2)
-
     doc_pos = np.arange(1, n + 1) - starts[rec.column("doc").to_numpy()]
     by_pos = bpb_by_position(doc_pos, nll, res.column("nll").to_numpy(), nbytes)
-    quant = stage_metrics["quant"]["tensors"]
-    write_bytes(METRICS / "bpb_by_position.csv", csv_bytes(["bucket", "from_position", "targets", "neural", "cache"], by_pos))
-    write_bytes(METRICS / "quant_error.csv", csv_bytes(["tensor", "bits", "h_error"], [[k, v["bits"], float(v["h_error"])] for k, v in quant.items()]))
-    write_json(METRICS / "report.json", report)
-    write_bytes(REPORT, markdown(report, rules, p, stage_metrics).encode())
+    quant = quant_details["tensors"]
+    curve = np.loadtxt(TRAIN_CURVE, delimiter=",", skiprows=1, ndmin=2)
+    plots = {
+        "train_curve.svg": svgplot.line_chart("Training loss", "step", "train loss (nats)", {"train_loss": (curve[:, 0].tolist(), curve[:, 1].tolist())}),
+        "bpb_by_position.svg": svgplot.line_chart(
+            "BPB by position in the document", "log2 of the position (bucket)", "bits per byte",
+            {"neural": ([r[0] for r in by_pos], [r[3] for r in by_pos]), "cache": ([r[0] for r in by_pos], [r[4] for r in by_pos])}),
+        "quant_error.svg": svgplot.bar_chart("Relative H-weighted quantization error per tensor", "h_error", {k: v["h_error"] for k, v in quant.items()}),
+    }
+    steps.update(what="plots")
+    seconds["report"] = round(time.perf_counter() - t0, 2)
+    # Every output replaces the last good one together, or none does.
+    outs = (METRICS / "bpb_by_position.csv", METRICS / "quant_error.csv", METRICS / "report.json", DETAILS / "report.json", REPORT, PLOTS)
+    with staged(*outs) as (by_pos_csv, quant_csv, report_json, details_json, report_md, plots_dir):
+        write_bytes(by_pos_csv, csv_bytes(["bucket", "from_position", "targets", "neural", "cache"], by_pos))
+        write_bytes(quant_csv, csv_bytes(["tensor", "bits", "h_error"], [[k, v["bits"], float(v["h_error"])] for k, v in quant.items()]))
+        write_json(report_json, report)
+        write_json(details_json, {"rules": {r.name: r.as_dict() for r in rules}, "seconds": seconds})
+        write_bytes(report_md, markdown(report, rules, seconds, p, list(plots)).encode())
+        plots_dir.mkdir()
+        for name, svg in plots.items():
+            (plots_dir / name).write_text(svg, encoding="utf-8")
     broken = [r.name for r in rules if not r.passed]
-    print(f"report: val_bpb {pre:.4f} float -> {post:.4f} packed (non-overlapping), {report['val_bpb_scored']:.4f} {score['mode']}, "
-          f"{report['val_bpb_cache']:.4f} with the cache; artifact {artifact_bytes:,} bytes; "
-          f"{len(rules) - len(broken)}/{len(rules)} rules pass -> {REPORT}")
+    steps.done(f"val_bpb {pre:.4f} float -> {post:.4f} packed (non-overlapping), {report['val_bpb_scored']:.4f} {score['mode']}, "
+               f"{report['val_bpb_cache']:.4f} with the cache; artifact {artifact_bytes:,} bytes; "
+               f"{len(rules) - len(broken)}/{len(rules)} rules pass -> {REPORT}")
     if broken and vp.strict:
         raise StageError(f"{REPORT}: broken rules: {', '.join(broken)} (verify.strict is true)")
 
 
-def markdown(r: dict, rules: list[audit.Rule], p: dict, m: dict) -> str:
+def markdown(r: dict, rules: list[audit.Rule], seconds: dict, p: dict, plots: list[str]) -> str:
     rows = "\n".join(f"| {x.name} | {'pass' if x.passed else '**FAIL**'} | {x.detail} |" for x in rules)
-    secs = ", ".join(f"{k} {v}s" for k, v in r["seconds"].items())
+    secs = ", ".join(f"{k} {v}s" for k, v in seconds.items())
+    figures = "\n\n".join(f"![{name.removesuffix('.svg')}]({PLOTS.relative_to(REPORT.parent) / name})" for name in plots)
     return f"""# pgolf run report
 
 Revision `{r['revision']}`. Every figure below was measured by the report stage or read from the stage that made it.
@@ -253,6 +293,10 @@ Revision `{r['revision']}`. Every figure below was measured by the report stage 
 | code | {r['code_bytes']:,} |
 | eval-time cache state | {r['state_bytes']:,} |
 
+## Plots
+
+{figures}
+
 ## How it was produced
 
 `dvc repro` at revision `{r['revision']}`; seconds per stage: {secs}.
@@ -264,4 +308,4 @@ Revision `{r['revision']}`. Every figure below was measured by the report stage 
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main, "report")

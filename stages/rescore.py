@@ -11,9 +11,10 @@ import pyarrow.parquet as pq
 
 from pgolf import cache, params, shards
 from pgolf.bpb import bits_per_byte
-from pgolf.errors import InputError, run_stage
+from pgolf.errors import InputError
+from pgolf.stage import run_stage
 from pgolf.files import staged, write_json
-from pgolf.layout import METRICS, RESCORES, SCORES, SHARDS
+from pgolf.layout import DETAILS, METRICS, RESCORES, SCORES, SHARDS
 from pgolf.params import CacheParams
 
 SCHEMA = pa.schema(
@@ -45,28 +46,26 @@ def main() -> None:
     t = time.perf_counter()
     out = cache.rescore(tokens, np.exp(-nll), rec.column("entropy").to_numpy(), vocab, cp)
     seconds = time.perf_counter() - t
-    with staged(RESCORES) as (path,):
+    neural, mixed = bits_per_byte(nll.sum(), n_bytes), bits_per_byte(out.nll.sum(), n_bytes)
+    headline = {
+        "val_bpb": round(mixed, 6),
+        "val_bpb_neural": round(neural, 6),
+        "gain": round(neural - mixed, 6),
+        "val_loss": round(float(out.nll.mean()), 6),
+        "state_bytes": out.state_bytes,
+        "max_state_bytes": cp.max_state_bytes,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(len(nll) / seconds, 1),
+        "tokens": len(nll),
+        "mix": cp.mix,
+        "max_order": cp.max_order,
+        "mean_lam": round(float(out.lam.mean()), 6),
+    }
+    with staged(RESCORES, METRICS / "rescore.json", DETAILS / "rescore.json") as (path, rescore_json, details_json):
         columns = [position, out.prob, out.nll, out.lam, out.ngram_prob, out.order]
         pq.write_table(pa.Table.from_arrays(columns, schema=SCHEMA), path, compression="zstd", row_group_size=1 << 20)
-    neural, mixed = bits_per_byte(nll.sum(), n_bytes), bits_per_byte(out.nll.sum(), n_bytes)
-    write_json(
-        METRICS / "rescore.json",
-        {
-            "val_bpb": round(mixed, 6),
-            "val_bpb_neural": round(neural, 6),
-            "gain": round(neural - mixed, 6),
-            "val_loss": round(float(out.nll.mean()), 6),
-            "state_bytes": out.state_bytes,
-            "max_state_bytes": cp.max_state_bytes,
-            "seconds": round(seconds, 3),
-            "tokens_per_s": round(len(nll) / seconds, 1),
-            "tokens": len(nll),
-            "mix": cp.mix,
-            "max_order": cp.max_order,
-            "mean_lam": round(float(out.lam.mean()), 6),
-            "tokens_by_order": np.bincount(out.order, minlength=cp.max_order + 1).tolist(),
-        },
-    )
+        write_json(rescore_json, headline)
+        write_json(details_json, {"tokens_by_order": np.bincount(out.order, minlength=cp.max_order + 1).tolist()})
     print(
         f"rescore: val_bpb {mixed:.4f} (neural {neural:.4f}, gain {neural - mixed:+.4f}), {cp.mix} mix, orders 1..{cp.max_order}, "
         f"state {out.state_bytes:,} bytes, {len(nll) / seconds:,.0f} tokens/s -> {RESCORES}"
@@ -74,4 +73,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main, "rescore")

@@ -10,7 +10,8 @@ import numpy as np
 
 from pgolf import allocator, artifact, distributed, params, shards, tokenizer, windows
 from pgolf.bpb import ByteTables
-from pgolf.errors import InputError, run_stage
+from pgolf.errors import InputError
+from pgolf.stage import run_stage
 from pgolf.files import staged, write_json
 from pgolf.layout import ARTIFACT, METRICS, SCORES, SHARDS, TOKENIZER
 from pgolf.params import EvalParams
@@ -42,33 +43,30 @@ def main() -> None:
         if d.main:
             print(f"score: {len(tokens) - 1:,} targets, {docs:,} documents, {len(plan):,} windows ({ev.mode}) on {d.world} {d.device.type} process(es)")
         progress = Progress("score", len(tokens) - 1, "tokens")
-        with staged(SCORES) if d.main else contextlib.nullcontext([None]) as (out,):
+        # The records and their metrics replace the last good ones together (rank 0 writes both).
+        with staged(SCORES, METRICS / "score.json") if d.main else contextlib.nullcontext([None, None]) as (out, score_json):
             totals = write_records(model, tokens, plan, ev.batch, tables, sp.bos_id(), d, out, progress)
+            if d.main:
+                seconds = progress.done(f"val_loss {totals.val_loss:.4f}, val_bpb {totals.val_bpb:.4f} ({ev.mode}) -> {SCORES}")
+                write_json(score_json, {
+                    "val_loss": round(totals.val_loss, 6),
+                    "val_bpb": round(totals.val_bpb, 6),
+                    "tokens": totals.tokens,
+                    "bytes": totals.bytes,
+                    "docs": docs,
+                    "seconds": round(seconds, 2),
+                    "tokens_per_s": round(totals.tokens / seconds, 1),
+                    "mode": ev.mode,
+                    "seq_len": ev.seq_len,
+                    "stride": ev.stride,
+                    "doc_isolated": ev.doc_isolated,
+                    "windows": len(plan),
+                    "processes": d.world,
+                    "device": d.device.type,
+                })
     finally:
         distributed.teardown()
-    if not d.main:
-        return
-    seconds = progress.done(f"val_loss {totals.val_loss:.4f}, val_bpb {totals.val_bpb:.4f} ({ev.mode}) -> {SCORES}")
-    write_json(
-        METRICS / "score.json",
-        {
-            "val_loss": round(totals.val_loss, 6),
-            "val_bpb": round(totals.val_bpb, 6),
-            "tokens": totals.tokens,
-            "bytes": totals.bytes,
-            "docs": docs,
-            "seconds": round(seconds, 2),
-            "tokens_per_s": round(totals.tokens / seconds, 1),
-            "mode": ev.mode,
-            "seq_len": ev.seq_len,
-            "stride": ev.stride,
-            "doc_isolated": ev.doc_isolated,
-            "windows": len(plan),
-            "processes": d.world,
-            "device": d.device.type,
-        },
-    )
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main, "score")

@@ -13,7 +13,8 @@ import numpy as np
 from pgolf import builtin_corpus, docs, params, shards, tokenizer
 from pgolf.dataset import export_docs, import_shards
 from pgolf.doc_index import read_hashes
-from pgolf.errors import InputError, run_stage
+from pgolf.errors import InputError
+from pgolf.stage import run_stage
 from pgolf.files import sha256_file, staged, write_json
 from pgolf.layout import DATA, DOC_INDEX, MANIFEST, METRICS, SHARDS, TOKENIZER
 from pgolf.params import DataParams, TokenizerParams
@@ -53,14 +54,15 @@ def main() -> None:
     data = params.section(p, "data", DataParams)
     tok = params.section(p, "tokenizer", TokenizerParams)
     t0 = time.time()
-    with staged(SHARDS, TOKENIZER, DOC_INDEX, MANIFEST) as (shards_dir, model, index, manifest_path):
+    # Every output replaces the last good one together, or none does.
+    with staged(SHARDS, TOKENIZER, DOC_INDEX, MANIFEST, METRICS / "tokenize.json") as (shards_dir, model, index, manifest_path, metrics_json):
         if tok.model is not None:
             tokenizer.load(tok.model)  # refuse a bad model before any work
             shutil.copyfile(tok.model, model)
         elif data.source == "shards":
             raise InputError("params.yaml: data.source is 'shards': set tokenizer.model to the tokenizer that made them")
         if data.source == "shards":
-            splits, source = from_shards(data, model, shards_dir, index)
+            splits, source = from_shards(data, Path(tok.model), shards_dir, index)  # the user's file: messages name it
         else:
             splits, source = from_docs(data, tok, model, shards_dir, index)
         overlap = int(np.isin(read_hashes(index, "val"), read_hashes(index, "train")).sum())
@@ -78,12 +80,9 @@ def main() -> None:
             "val_docs_in_train": overlap,
         }
         write_json(manifest_path, manifest)
-    seconds = time.time() - t0
-
-    val, train = splits["val"], splits["train"]
-    write_json(
-        METRICS / "tokenize.json",
-        {
+        seconds = time.time() - t0
+        val, train = splits["val"], splits["train"]
+        write_json(metrics_json, {
             "train_docs": train["docs"],
             "val_docs": val["docs"],
             "train_tokens": train["tokens"],
@@ -93,8 +92,7 @@ def main() -> None:
             "vocab_size": manifest["tokenizer"]["vocab_size"],
             "val_docs_in_train": overlap,
             "seconds": round(seconds, 2),
-        },
-    )
+        })
     if not train["docs"]:
         print("warning: the training split is empty; the train stage will need training documents")
     if overlap:
@@ -106,4 +104,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main, "tokenize")

@@ -11,9 +11,10 @@ import time
 
 from pgolf import checkpoint, distributed, params, tokenizer, trainer
 from pgolf.bpb import ByteTables
-from pgolf.errors import InputError, run_stage
+from pgolf.errors import InputError
 from pgolf.evaluate import evaluate
-from pgolf.files import sha256_file, write_bytes, write_json
+from pgolf.stage import run_stage
+from pgolf.files import sha256_file, staged, write_bytes, write_json
 from pgolf.layout import CHECKPOINT, METRICS, SHARDS, TOKENIZER, TRAIN_RUN
 from pgolf.loader import validation_tokens
 from pgolf.params import ModelParams, TrainParams
@@ -34,7 +35,7 @@ def main() -> None:
         n_params = sum(t.numel() for t in model.parameters())
         if d.main:
             print(f"train: {n_params:,} parameters, {d.world} process(es) on {d.device.type}, seed {seed}")
-        run = trainer.train(model, train_p, d, SHARDS, TRAIN_RUN)
+        run = trainer.train(model, train_p, d, SHARDS, TRAIN_RUN, seed)
         t = time.perf_counter()
         val = validation_tokens(SHARDS, train_p.seq_len, train_p.val_tokens)
         tables = ByteTables.from_sentencepiece(TOKENIZER, model_p.vocab_size)
@@ -45,31 +46,34 @@ def main() -> None:
     if not d.main:
         return
     meta = {"step": run.step, "seed": seed, "val_bpb": val_bpb, "tokenizer_sha256": sha256_file(TOKENIZER)}
-    checkpoint.save_model(CHECKPOINT, model, meta)
     curve = io.StringIO()
     writer = csv.writer(curve, lineterminator="\n")
     writer.writerow(["step", "train_loss", "lr_scale", "train_ms"])
     writer.writerows(run.curve)
-    write_bytes(METRICS / "train_curve.csv", curve.getvalue().encode())
     ms = run.train_ms / max(run.step, 1)
-    write_json(
-        METRICS / "train.json",
-        {
-            "params": n_params,
-            "steps": run.step,
-            "stopped_by": run.stopped_by,
-            "ms_per_step": round(ms, 2),
-            "tokens_per_s": round(train_p.batch_tokens / ms * 1000, 1),
-            "train_seconds": round(run.train_ms / 1000, 2),
-            "train_loss": round(run.train_loss, 6),
-            "val_loss": round(val_loss, 6),
-            "val_bpb": round(val_bpb, 6),
-            "val_tokens": len(val) - 1,
-            "eval_seconds": round(eval_s, 2),
-            "processes": d.world,
-            "device": d.device.type,
-        },
-    )
+    # All three outputs replace the last good ones together, or not at all.
+    with staged(CHECKPOINT, METRICS / "train_curve.csv", METRICS / "train.json") as (ckpt, curve_csv, train_json):
+        checkpoint.save_model(ckpt, model, meta)
+        write_bytes(curve_csv, curve.getvalue().encode())
+        write_json(
+            train_json,
+            {
+                "params": n_params,
+                "steps": run.step,
+                "stopped_by": run.stopped_by,
+                "ms_per_step": round(ms, 2),
+                "tokens_per_s": round(train_p.batch_tokens / ms * 1000, 1),
+                "train_seconds": round(run.train_ms / 1000, 2),
+                "train_loss": round(run.train_loss, 6),
+                "uniform_loss_steps": run.uniform_steps,
+                "val_loss": round(val_loss, 6),
+                "val_bpb": round(val_bpb, 6),
+                "val_tokens": len(val) - 1,
+                "eval_seconds": round(eval_s, 2),
+                "processes": d.world,
+                "device": d.device.type,
+            },
+        )
     print(
         f"train: {run.step} steps ({run.stopped_by}) in {run.train_ms / 1000:.1f}s, {ms:.0f} ms/step; "
         f"train_loss {run.train_loss:.4f}, val_loss {val_loss:.4f}, val_bpb {val_bpb:.4f} -> {CHECKPOINT}"
@@ -77,4 +81,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main, "train")

@@ -63,10 +63,10 @@ def test_absurd_sizes_are_refused_before_allocating():
     with pytest.raises(InputError, match="header claims 4294967295 bytes"):
         artifact.unpack(_with_header({}, header_len=2**32 - 1))
     with pytest.raises(InputError, match="payload claims 1099511627776 bytes"):
-        artifact.unpack(_with_header({"payload_size": 2**40, "tensors": []}))
+        artifact.unpack(_with_header({"version": 1, "meta": {}, "payload_size": 2**40, "tensors": []}))
     entry = {"name": "w", "dtype": "int8", "shape": [8], "bits": 8, "filter": "raw", "offset": 4, "length": 8}
     with pytest.raises(InputError, match="outside the payload"):
-        artifact.unpack(_with_header({"payload_size": 8, "tensors": [entry], "meta": {}}))
+        artifact.unpack(_with_header({"version": 1, "payload_size": 8, "tensors": [entry], "meta": {}}))
     bomb = zstandard.ZstdCompressor().compress(b"\0" * (2 * artifact.MAX_HEADER))
     body = artifact.MAGIC + struct.pack("<I", len(bomb)) + bomb
     with pytest.raises(InputError, match="unreadable header"):
@@ -93,8 +93,9 @@ def test_pack_stage_round_trips_the_calibrated_tensors(packed):
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     m = json.loads((root / "metrics/pack.json").read_text())
     assert m["total_bytes"] == m["weight_bytes"] + m["code_bytes"] == (root / "artifacts/model.pgolf").stat().st_size + m["code_bytes"]
-    assert {"pgolf/artifact.py", "pgolf/model.py", "pgolf/gptq.py"} <= set(m["code_files"])
-    assert m["code_bytes"] == sum(len((REPO / f).read_bytes()) for f in m["code_files"])
+    code_files = json.loads((root / "reports/details/pack.json").read_text())["code_files"]
+    assert {"pgolf/artifact.py", "pgolf/model.py", "pgolf/gptq.py"} <= set(code_files)
+    assert m["code_bytes"] == sum(len((REPO / f).read_bytes()) for f in code_files)
 
 
 def test_over_budget_fails_with_the_bytes_over(packed):

@@ -50,3 +50,8 @@ def test_groups_ignore_the_seed_and_rows_without_metrics():
     g = compare.groups(rows, ["seed", "quant.bits.mlp"])
     assert sorted(len(v) for v in g.values()) == [1, 2]
     assert compare.param_keys({"seed": 1, "quant": {"bits": {"mlp": 6}}}) == ["seed", "quant.bits.mlp"]
+
+
+def test_one_run_shows_no_spread():
+    assert compare.mean_pm([1.23456]) == "1.2346 (one run)"
+    assert compare.mean_pm([1.0, 1.2]) == f"1.1000 ± {math.sqrt(0.02):.4f}"

@@ -45,3 +45,22 @@ def test_source_needs_its_path():
     p["data"]["source"] = "docs"
     with pytest.raises(InputError, match=r"data\.docs is empty"):
         params.section(p, "data", DataParams)
+
+
+def test_numbers_yaml_reads_as_strings_are_numbers(tmp_path):
+    """YAML 1.1 reads `1e6` and `1e-3` (no dot) as strings; a numeric key takes them as the numbers they are."""
+    from pgolf.params import TrainParams
+
+    text = (REPO / "params.yaml").read_text().replace("max_seconds: 0 ", "max_seconds: 6e2 ").replace("adam_eps: 1.0e-8", "adam_eps: 1e-8")
+    text = text.replace("iterations: 100", "iterations: 1e2").replace("seed: 1337", "seed: 1e3")
+    (tmp_path / "params.yaml").write_text(text)
+    p = params.load(tmp_path / "params.yaml")
+    t = params.section(p, "train", TrainParams)
+    assert (t.max_seconds, t.adam_eps, t.iterations, params.scalar(p, "seed", int)) == (600.0, 1e-8, 100, 1000)
+    assert isinstance(t.iterations, int)
+    p["train"]["iterations"] = "1.5e0"
+    with pytest.raises(InputError, match=r"train\.iterations is '1\.5e0'; expected int"):
+        params.section(p, "train", TrainParams)
+    p["train"]["iterations"] = "lots"
+    with pytest.raises(InputError, match=r"train\.iterations is 'lots'; expected int"):
+        params.section(p, "train", TrainParams)

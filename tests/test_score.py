@@ -109,6 +109,26 @@ def test_non_overlapping_mode_is_the_challenge_formula(tmp_path):
     assert totals.val_loss == pytest.approx(val_loss, rel=1e-6) and totals.val_bpb == pytest.approx(val_bpb, rel=1e-6)
 
 
+def test_row_groups_hold_exactly_the_records_of_every_batch(tmp_path, monkeypatch):
+    """The preallocated row-group buffer writes what one table of all the batches' records would hold,
+    in row groups of exactly ROW_GROUP rows (7 here: batches of 12 rows straddle every boundary)."""
+    from pgolf import score
+
+    monkeypatch.setattr(score, "ROW_GROUP", 7)
+    model, tokens, tab = small_model(), stream(61), tables()
+    plan = windows.plan(tokens, 16, 4)
+    write_records(model, tokens, plan, 3, tab, BOS, CPU, tmp_path / "r.parquet")
+    starts = windows.doc_starts(tokens, BOS)
+    parts = [score.records(tokens, plan, i, j, s, tab, starts) for i, j, s in score_stream(model, tokens, plan, 3, CPU)]
+    expected = [np.concatenate([part[k] for part in parts]) for k in range(len(score.SCHEMA))]
+    written = pq.ParquetFile(tmp_path / "r.parquet")
+    table = written.read()
+    for k, field in enumerate(score.SCHEMA):
+        assert np.array_equal(table.column(field.name).to_numpy(), expected[k]), field.name
+    sizes = [written.metadata.row_group(g).num_rows for g in range(written.num_row_groups)]
+    assert sizes == [7] * (61 // 7) + [61 % 7]
+
+
 def test_doc_isolated_contexts_stay_inside_their_document(tmp_path):
     model, tokens = small_model(), stream(200, docs=7, seed=3)
     plan = windows.plan(tokens, 16, 4, True, BOS)

@@ -38,6 +38,7 @@ def failed(result, *fragments):
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ")
+    assert ".tmp-" not in result.stderr and "INTERNAL" not in result.stderr  # the user's paths, pgolf's words
     for f in fragments:
         assert f in last, last
     return last
@@ -161,7 +162,16 @@ def test_tokenizer_that_did_not_make_the_shards(tmp_path, official_shard_folder,
     other = tmp_path / "other.model"
     train_bpe(read_jsonl_texts(fineweb / "extra_docs.jsonl"), 2048, other)
     last = failed(run_stage("tokenize", tmp_path, shards_params(official_shard_folder, other)), "fineweb_val_000000.bin")
-    assert "made with another tokenizer" in last
+    assert "made with another tokenizer" in last and str(other) in last  # the user's tokenizer, not the stage's temporary copy
+
+
+def test_training_a_tokenizer_on_bad_or_no_documents_says_so_in_one_line(tmp_path, fineweb):
+    good = write_jsonl(tmp_path / "good.jsonl", read_jsonl_texts(fineweb / "extra_docs.jsonl"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(good.read_bytes() + b'{"text": "caf\xe9"}\n')
+    failed(run_stage("tokenize", tmp_path, docs_params(str(bad), val_docs=50)), f"{bad}:201", "not valid UTF-8")
+    failed(run_stage("tokenize", tmp_path, docs_params(str(good), val_docs=500)), "data.val_docs", "no documents left to train the tokenizer")
+    assert not (tmp_path / "data").exists() or not [p for p in (tmp_path / "data").iterdir()]
 
 
 def test_shards_source_needs_a_tokenizer_and_the_right_val_count(tmp_path, official_shard_folder, sp1024):

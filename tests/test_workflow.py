@@ -4,10 +4,13 @@ The copy holds this working tree (tracked and untracked, not ignored files) as a
 with micro params, reproduced once; each check then changes one param or module and asks
 `dvc repro --dry --force-downstream` which stages would run.
 """
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -112,10 +115,90 @@ def test_a_module_reruns_only_the_stages_that_import_it(repo, module, expected):
         path.write_text(before)
 
 
+# Outputs of the stages a failure below touches, cached and cache: false.
+LAST_GOOD = ["artifacts/quant.safetensors", "artifacts/model.pgolf", "metrics/pack.json", "reports/details/pack.json", "eval/score.parquet",
+             "metrics/score.json", "eval/rescore.parquet", "metrics/rescore.json", "metrics/report.json", "reports/report.md",
+             "reports/plots/train_curve.svg"]
+
+
+def snapshot(repo) -> dict[str, bytes]:
+    return {p: (repo / p).read_bytes() for p in LAST_GOOD}
+
+
+def with_params(repo, **changes):
+    """params.yaml with section.key=value changes; returns the original text to put back."""
+    path = repo / "params.yaml"
+    before = path.read_text()
+    p = yaml.safe_load(before)
+    for key, value in changes.items():
+        section, leaf = key.split("__")
+        p[section][leaf] = value
+    path.write_text(yaml.safe_dump(p, sort_keys=False))
+    return before
+
+
+def test_a_failed_stage_keeps_the_last_good_outputs(repo):
+    """pack over its byte limit fails `dvc repro`: every output of the last good run stays, metrics included."""
+    before, params = snapshot(repo), with_params(repo, pack__byte_limit=1000)
+    try:
+        result = subprocess.run(dvc("repro"), cwd=repo, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(repo)))
+        assert result.returncode != 0 and "bytes over" in result.stdout + result.stderr
+        assert snapshot(repo) == before
+    finally:
+        (repo / "params.yaml").write_text(params)
+    assert would_run(repo) == []
+
+
+def test_an_interrupted_stage_keeps_the_last_good_outputs(repo):
+    """Ctrl-C in the middle of score (new settings, so new records would differ) leaves the last good ones."""
+    before, params = snapshot(repo), with_params(repo, eval__stride=1, eval__batch=1)
+    try:
+        # A new session, with Ctrl-C's default action even where the test runner's shell ignores SIGINT.
+        run = subprocess.Popen(dvc("repro", "-s", "score"), cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo)), start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        started = False
+        for _ in range(6000):  # until score is writing its records (at most 60 s)
+            if list((repo / "eval").glob(".score.parquet.tmp-*")):
+                started = True
+                break
+            time.sleep(0.01)
+        os.killpg(run.pid, signal.SIGINT)
+        assert run.wait(timeout=120) != 0 and started
+        assert snapshot(repo) == before
+        assert not list((repo / "eval").glob(".*tmp-*")) and not list((repo / "metrics").glob(".*tmp-*"))
+    finally:
+        (repo / "params.yaml").write_text(params)
+    assert would_run(repo) == []
+
+
+def test_restore_brings_back_lost_outputs_metrics_included(repo):
+    before = snapshot(repo)
+    for path in ("artifacts/model.pgolf", "eval/score.parquet", "metrics/pack.json", "metrics/report.json", "reports/report.md"):
+        (repo / path).unlink()
+    (repo / "metrics/score.json").write_text("{}")
+    out = sh([sys.executable, "-m", "pgolf.restore"], repo)
+    assert "6 of 6 outputs put back (4 from git)" in out, out
+    assert snapshot(repo) == before and would_run(repo) == []
+    assert "nothing to do" in sh([sys.executable, "-m", "pgolf.restore"], repo)
+
+
+def test_metrics_are_flat_and_the_documented_views_are_readable(repo):
+    for path in (repo / "metrics").glob("*.json"):
+        assert all(not isinstance(v, (dict, list)) for v in json.loads(path.read_text()).values()), path
+    shown = sh(dvc("metrics", "show"), repo)
+    assert max(len(line) for line in shown.splitlines()) < 1200  # it was 6,000 with nested details
+    env_narrow = sh(["env", "COLUMNS=80", *dvc("exp", "show", "--md", "--drop", ".*", "--keep", "Experiment|Created|seed|val_bpb", "--no-pager")], repo)
+    header = env_narrow.splitlines()[0]
+    assert "…" not in env_narrow and all(k in header for k in ("val_bpb_scored", "val_bpb_cache", "seed"))
+
+
 def test_push_then_a_fresh_clone_pulls_instead_of_retraining(repo):
     sh(dvc("push"), repo)
     clone = repo.parent / "teammate"
     sh(["git", "clone", "-q", str(repo), str(clone)], repo.parent)
+    assert not (clone / "artifacts/model.safetensors").exists()
+    sh(dvc("pull", "artifacts/model.pgolf"), clone)  # the artifact alone, as the README documents
+    assert (clone / "artifacts/model.pgolf").read_bytes() == (repo / "artifacts/model.pgolf").read_bytes()
     assert not (clone / "artifacts/model.safetensors").exists()
     sh(dvc("pull"), clone)
     assert (clone / "artifacts/model.safetensors").read_bytes() == (repo / "artifacts/model.safetensors").read_bytes()

@@ -1,0 +1,149 @@
+"""Mutated artifacts against the loader. Run as a script: prints one JSON line of outcomes and peak memory.
+
+Every header mutation keeps a valid checksum, so what is tested is the loader's reading of the
+header, not the checksum. Used by tests/test_artifact_fuzz.py in a fresh process (its peak memory
+is the loader's, not the test session's).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import random
+import resource
+import struct
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import zstandard
+
+from pgolf import artifact, gptq, quantize
+from pgolf.errors import InputError
+from pgolf.model import GPT
+from pgolf.params import ModelParams
+
+TINY = ModelParams(layers=2, dim=16, heads=2, kv_heads=1, mlp_mult=2, vocab_size=64, tie_embeddings=True,
+                   logit_softcap=30.0, rope_base=10000.0, qk_gain_init=1.5, tied_embed_init_std=0.005)
+ODD_VALUES = ["x", "", [], {}, None, True, False, 1.5, [1, 2], {"a": 1}]
+HUGE = [2**31, 2**40, 2**63, 10**30, 1e308, 16384]
+
+
+def tiny_artifact() -> bytes:
+    """A real artifact: a 2-layer model with its matrices rounded to 6 bits."""
+    torch.manual_seed(0)
+    state = {k: v.float() + 0.01 * torch.randn_like(v) for k, v in GPT(TINY).state_dict().items()}
+    names = [n for n in state if quantize.tensor_class(n)]
+    tensors = {n: v for n, v in state.items() if n not in names}
+    for n in names:
+        tensors[f"{n}.codes"], tensors[f"{n}.scale"] = gptq.rtn(state[n], 6, None)
+    meta = {"model": dataclasses.asdict(TINY), "quantized": names, "tensors": {n: {"bits": 6} for n in names}}
+    return artifact.pack_quantized(tensors, meta, level=3)[0]
+
+
+def split(blob: bytes) -> tuple[dict, bytes]:
+    (n,) = struct.unpack_from("<I", blob, 8)
+    return json.loads(zstandard.ZstdDecompressor().decompress(blob[12 : 12 + n])), blob[12 + n : -32]
+
+
+def join(header: object, payload: bytes) -> bytes:
+    z = zstandard.ZstdCompressor(level=3).compress(json.dumps(header).encode())
+    body = artifact.MAGIC + struct.pack("<I", len(z)) + z + payload
+    return body + hashlib.sha256(body).digest()
+
+
+def nodes(obj: object, path: tuple = ()) -> list[tuple]:
+    """(parent, key, path) of every value in a JSON tree."""
+    out = []
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else []
+    for key, value in items:
+        out.append((obj, key, path + (key,)))
+        out += nodes(value, path + (key,))
+    return out
+
+
+def mutate(header: dict, rng: random.Random) -> tuple[dict, list[str]]:
+    h, done = copy.deepcopy(header), []
+    for _ in range(rng.choice([1, 1, 2, 3])):
+        parent, key, path = rng.choice(nodes(h))
+        op = rng.choice(["delete", "type", "huge", "negative", "zero"])
+        old = parent[key]
+        if op == "delete":
+            del parent[key]
+        elif op == "type":
+            parent[key] = rng.choice([v for v in ODD_VALUES if type(v) is not type(old)])
+        elif op == "huge":
+            parent[key] = rng.choice(HUGE)
+        elif op == "negative":
+            parent[key] = -rng.choice([1, 2, 7, 2**31]) if not isinstance(old, float) else -abs(old or 1.0)
+        else:
+            parent[key] = 0
+        done.append(f"{op} {'.'.join(map(str, path))}")
+    return h, done
+
+
+def mutate_payload(payload: bytes, rng: random.Random) -> tuple[bytes, str]:
+    op = rng.choice(["truncate", "append", "flip", "other", "zeros"])
+    if op == "truncate":
+        return payload[: rng.randrange(len(payload))], op
+    if op == "append":
+        return payload + rng.randbytes(rng.randrange(1, 64)), op
+    if op == "flip":
+        b = bytearray(payload)
+        b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
+        return bytes(b), op
+    if op == "other":
+        return zstandard.ZstdCompressor().compress(rng.randbytes(rng.randrange(1, 4096))), op
+    return zstandard.ZstdCompressor().compress(bytes(rng.randrange(1, 1 << 20))), op
+
+
+def bombs(header: dict, payload: bytes) -> list[tuple[str, bytes]]:
+    """The reported cases: a huge declared model; a payload of zeros far larger than its tensors."""
+    big = copy.deepcopy(header)
+    big["meta"]["model"].update(dim=16384, layers=200)
+    zeros = copy.deepcopy(header)
+    zeros["payload_size"] = 900 << 20
+    zeros_z = zstandard.ZstdCompressor(level=1).compress(bytes(900 << 20))
+    matching = copy.deepcopy(header)  # tensors that do cover 900 MiB: refused by size before decompressing
+    matching["tensors"].append({"name": "pad", "dtype": "float32", "shape": [225 << 20], "bits": 8, "filter": "raw",
+                                "offset": header["payload_size"], "length": 900 << 20})
+    matching["payload_size"] += 900 << 20
+    return [("model of dim 16384 x 200 layers", join(big, payload)), ("900 MiB of zeros", join(zeros, zeros_z)),
+            ("tensors of 900 MiB", join(matching, zeros_z))]
+
+
+def run(cases: int, seed: int) -> dict:
+    rng = random.Random(seed)
+    blob = tiny_artifact()
+    header, payload = split(blob)
+    path = Path(tempfile.mkdtemp()) / "model.pgolf"
+    path.write_bytes(blob)
+    artifact.load_model(path)  # the unmutated artifact loads
+    outcomes = {"refused": 0, "loaded": [], "other": []}
+    mutants = [(f"bomb: {name}", b) for name, b in bombs(header, payload)]
+    for i in range(cases):
+        if i % 5 == 4:
+            p, what = mutate_payload(payload, rng)
+            mutants.append((f"payload {what}", join(header, p)))
+        else:
+            h, what = mutate(header, rng)
+            mutants.append(("; ".join(what), join(h, payload)))
+    for what, data in mutants:
+        path.write_bytes(data)
+        try:
+            artifact.load_model(path)
+            outcomes["loaded"].append(what)
+        except InputError as exc:
+            outcomes["refused"] += 1
+            assert "\n" not in str(exc) and str(exc).startswith(str(path)), str(exc)
+        except Exception as exc:  # noqa: BLE001 - any other exception is what the fuzz looks for
+            outcomes["other"].append(f"{what}: {type(exc).__name__}: {exc}"[:300])
+    outcomes["cases"] = len(mutants)
+    outcomes["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return outcomes
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(int(sys.argv[1]), int(sys.argv[2]))))

@@ -1,0 +1,61 @@
+"""The artifact loader against thousands of mutated headers and payloads (tests/artifact_fuzz.py)."""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, default_params, run_stage
+
+sys.path.insert(0, str(REPO / "tests"))
+import artifact_fuzz  # noqa: E402
+
+# Header fields the loader does not need (pack's per-class bit summary) or whose any parsed value is a valid model.
+HARMLESS = ("meta.bits.", "meta.model.qk_gain_init", "meta.model.logit_softcap", "meta.model.tied_embed_init_std")
+
+
+def test_thousands_of_mutated_artifacts_are_refused_with_bounded_memory():
+    out = subprocess.run([sys.executable, str(REPO / "tests/artifact_fuzz.py"), "2000", "0"], capture_output=True, text=True,
+                         cwd=REPO, timeout=600, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    assert r["other"] == []  # every refusal is an InputError: one `error:` line, exit 2
+    for case in r["loaded"]:  # what loads is a valid artifact: a payload bit flipped under a new checksum, or a harmless field
+        assert case == "payload flip" or all(m.split(" ", 1)[1].startswith(HARMLESS) for m in case.split("; ")), case
+    assert r["cases"] == 2003 and r["refused"] >= 0.9 * r["cases"]
+    # The bombs declare a 16384 x 200 model and 900 MiB payloads; the process (torch included) stays small.
+    assert r["max_rss_mb"] < 1024, r["max_rss_mb"]
+
+
+@pytest.fixture(scope="module")
+def mutants():
+    blob = artifact_fuzz.tiny_artifact()
+    header, payload = artifact_fuzz.split(blob)
+    rng = random.Random(1)
+    cases = [b for _, b in artifact_fuzz.bombs(header, payload)]
+    broken = json.loads(json.dumps(header))
+    del broken["tensors"][3]["dtype"]
+    cases.append(artifact_fuzz.join(broken, payload))
+    broken = json.loads(json.dumps(header))
+    broken["tensors"] = {"not": "a list"}
+    cases.append(artifact_fuzz.join(broken, payload))
+    broken = json.loads(json.dumps(header))
+    broken["meta"]["model"] = [1, 2]
+    cases.append(artifact_fuzz.join(broken, payload))
+    broken = json.loads(json.dumps(header))
+    broken["tensors"][0]["shape"] = [-4, 16]
+    cases.append(artifact_fuzz.join(broken, payload))
+    cases.append(artifact_fuzz.join(header, artifact_fuzz.mutate_payload(payload, rng)[0] + b"\0"))
+    return cases
+
+
+def test_each_refusal_reaches_the_user_as_one_error_line_and_exit_2(tmp_path, mutants):
+    (tmp_path / "artifacts").mkdir()
+    for blob in mutants:
+        (tmp_path / "artifacts/model.pgolf").write_bytes(blob)
+        result = run_stage("score", tmp_path, default_params())
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("error: artifacts/model.pgolf: ") and result.stderr.count("\n") == 1, result.stderr
+        assert not (tmp_path / "eval").exists() and not (tmp_path / "metrics").exists()
