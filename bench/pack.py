@@ -19,8 +19,8 @@ import time  # noqa: E402
 
 import zstandard  # noqa: E402
 
-from pgolf import artifact, checkpoint, params, quantize  # noqa: E402
-from pgolf.params import QuantBits, QuantParams  # noqa: E402
+from pgolf import checkpoint, pack, params, quantize  # noqa: E402
+from pgolf.quantize import QuantBits, QuantParams  # noqa: E402
 from bench.common import save  # noqa: E402
 
 
@@ -39,7 +39,7 @@ def main() -> None:
         tensors, meta = quantize.quantize_model(model, {}, q)
         naive = len(zstandard.ZstdCompressor(level=args.level).compress(b"".join(tensors[k].contiguous().numpy().tobytes() for k in sorted(tensors))))
         t = time.perf_counter()
-        blob, report = artifact.pack(tensors, {f"{n}.codes": bits for n in meta["quantized"]}, {"model": meta["model"], "quantized": meta["quantized"]}, args.level)
+        blob, report = pack.pack(tensors, {f"{n}.codes": bits for n in meta["quantized"]}, {"model": meta["model"], "quantized": meta["quantized"]}, args.level)
         seconds = time.perf_counter() - t
         rows.append({"bits": bits, "ours_bytes": len(blob), "naive_zstd_bytes": naive, "ratio": round(len(blob) / naive, 4),
                      "layout": report["layout"], "layout_bytes": report["layout_bytes"], "pack_seconds": round(seconds, 2)})

@@ -23,12 +23,12 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 from bench.train import CACHE, comparison_data, comparison_params  # noqa: E402
-from pgolf import checkpoint, params, quantize, trainer  # noqa: E402
+from pgolf import checkpoint, codes, params, quantize, trainer  # noqa: E402
 from pgolf.bpb import ByteTables  # noqa: E402
 from pgolf.distributed import Dist  # noqa: E402
 from pgolf.evaluate import evaluate  # noqa: E402
 from pgolf.loader import TokenStream, validation_tokens  # noqa: E402
-from pgolf.params import QuantBits, QuantParams  # noqa: E402
+from pgolf.quantize import QuantBits, QuantParams  # noqa: E402
 from pgolf import shards  # noqa: E402
 from bench.common import FINEWEB, save  # noqa: E402
 
@@ -66,7 +66,7 @@ def main() -> None:
                     t = time.perf_counter()
                     tensors, meta = quantize.quantize_model(model, hessians, q)
                     seconds = time.perf_counter() - t
-                    _, bpb = evaluate(quantize.dequantized(tensors, meta), val, 256, 64, tables, d)
+                    _, bpb = evaluate(codes.model_from_tensors(tensors, meta), val, 256, 64, tables, d)
                     rows.append({"setting": setting, "bits": bits, "method": method, "val_bpb": round(bpb, 5),
                                  "penalty": round(bpb - float_bpb, 5), "seconds": round(seconds, 2)})
     print(f"{'setting':>8} {'bits':>4} {'method':>6} {'val_bpb':>8} {'penalty':>8} {'seconds':>7}")

@@ -31,7 +31,8 @@ from bench.score import artifact_model, ours  # noqa: E402
 from bench.train import comparison_data  # noqa: E402
 from pgolf import allocator, cache, ngram, params, shards  # noqa: E402
 from pgolf.bpb import ByteTables, bits_per_byte  # noqa: E402
-from pgolf.params import CacheParams, EvalParams  # noqa: E402
+from pgolf.cache import CacheParams  # noqa: E402
+from pgolf.score import EvalParams  # noqa: E402
 
 
 def straightforward(tokens: np.ndarray, vocab: int, max_order: int) -> np.ndarray:

@@ -43,11 +43,12 @@ import torch  # noqa: E402
 
 from bench.common import FINEWEB, save  # noqa: E402
 from bench.train import CACHE, comparison_data, comparison_params  # noqa: E402
-from pgolf import allocator, artifact, checkpoint, params, quantize, shards, trainer, windows  # noqa: E402
+from pgolf import allocator, artifact, checkpoint, pack, params, quantize, shards, trainer, windows  # noqa: E402
 from pgolf.bpb import ByteTables  # noqa: E402
 from pgolf.distributed import Dist  # noqa: E402
 from pgolf.loader import TokenStream  # noqa: E402
-from pgolf.params import EvalParams, QuantParams  # noqa: E402
+from pgolf.quantize import QuantParams  # noqa: E402
+from pgolf.score import EvalParams  # noqa: E402
 from pgolf.score import write_records  # noqa: E402
 
 SPEED_TARGETS = 262_144
@@ -68,7 +69,7 @@ def artifact_blob(shards_dir: Path, tmp: Path) -> bytes:
     calib = TokenStream(shards.list_shards(shards_dir, "train")).take(q.calib_seqs * q.seq_len + 1)
     hessians = quantize.collect_hessians(model, calib[:-1].reshape(q.calib_seqs, -1), calib[1:].reshape(q.calib_seqs, -1))
     tensors, meta = quantize.quantize_model(model, hessians, q)
-    return artifact.pack_quantized(tensors, meta)[0]
+    return pack.pack_quantized(tensors, meta)[0]
 
 
 def ours(model, tokens: np.ndarray, ev: EvalParams, tables: ByteTables, out: Path) -> tuple[float, float, int]:

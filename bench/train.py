@@ -30,7 +30,8 @@ from pgolf.distributed import Dist  # noqa: E402
 from pgolf.docs import DocFile, DocReader  # noqa: E402
 from pgolf.evaluate import evaluate  # noqa: E402
 from pgolf.loader import validation_tokens  # noqa: E402
-from pgolf.params import ModelParams, TrainParams  # noqa: E402
+from pgolf.model import ModelParams  # noqa: E402
+from pgolf.trainer import TrainParams  # noqa: E402
 from bench.common import FINEWEB, save  # noqa: E402
 
 OFFICIAL_CPU_VAL_BPB = {1337: 2.444, 42: 2.458}  # measured by the author with train_gpt.py on CPU

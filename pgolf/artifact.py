@@ -1,34 +1,24 @@
-"""The submission artifact: one self-describing, pickle-free file of quantized weights, zstd-compressed.
+"""The submission artifact: the format and its loader (this file's imports are counted in every artifact).
 
-Layout (all integers little-endian):
-    b"PGOLFAR1" | u32 length of the next part | header (JSON, zstd) | payload (zstd) | sha256 of all before it
-The header lists each tensor (name, dtype, shape, filter, offset and length in the payload) and the
-payload's size. Loading checks the checksum first, refuses sizes over the limits before allocating,
-and decompresses to at most the declared size; unpacking gives back the exact tensors that were packed.
-
-Filters are reversible byte re-orderings; pack tries a few whole-artifact choices and keeps the smallest:
-    raw        the tensor's bytes
-    bitpack    integer codes offset to unsigned and packed at their bit width
-    bytesplit  floats with the k-th byte of every value stored together (exponents apart from mantissas)
-    transpose  int8 codes column by column (rows of a matrix often share column statistics)
+Layout (integers little-endian): b"PGOLFAR1" | u32 header length | header (zstd JSON: each tensor's name,
+dtype, shape, bits, filter, offset, length; the payload size; meta) | payload (zstd) | sha256 of all before.
+Loading checks everything the file says before allocating anything. pgolf/pack.py writes the format.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import struct
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import zstandard
 
-from pgolf import params
+from pgolf.codes import model_from_tensors
 from pgolf.errors import InputError
-from pgolf.gptq import dequantize
-from pgolf.model import GPT
-from pgolf.params import ModelParams
+from pgolf.model import GPT, ModelParams
 
 MAGIC = b"PGOLFAR1"
 MAX_HEADER = 1 << 20  # bytes of JSON header
@@ -39,28 +29,9 @@ MAX_FILE = 16 * BYTE_LIMIT  # bytes of artifact file read at all
 DTYPES = {"int8": (torch.int8, np.int8), "float16": (torch.float16, np.float16), "float32": (torch.float32, np.float32)}
 
 
-def _bitpack(u: np.ndarray, bits: int) -> bytes:
-    # Each value becomes `bits` bits, most significant first; the last byte is zero-padded.
-    planes = ((u[:, None].astype(np.uint16) >> np.arange(bits - 1, -1, -1, dtype=np.uint16)) & 1).astype(np.uint8)
-    return np.packbits(planes.reshape(-1)).tobytes()
-
-
 def _bitunpack(data: bytes, bits: int, n: int) -> np.ndarray:
     planes = np.unpackbits(np.frombuffer(data, dtype=np.uint8))[: n * bits].reshape(n, bits).astype(np.uint16)
     return (planes << np.arange(bits - 1, -1, -1, dtype=np.uint16)).sum(1).astype(np.uint8)
-
-
-def encode(t: torch.Tensor, filt: str, bits: int = 8) -> bytes:
-    a = t.contiguous().numpy()
-    if filt == "raw":
-        return a.tobytes()
-    if filt == "bitpack":
-        return _bitpack((a.reshape(-1).astype(np.int16) + (2 ** (bits - 1) - 1)).astype(np.uint8), bits)
-    if filt == "bytesplit":
-        return a.reshape(-1).view(np.uint8).reshape(-1, a.itemsize).T.tobytes()
-    if filt == "transpose":
-        return np.ascontiguousarray(a.T).tobytes()
-    raise ValueError(f"unknown filter {filt}")
 
 
 def decode(data: bytes, filt: str, dtype: str, shape: list[int], bits: int = 8) -> torch.Tensor:
@@ -73,84 +44,20 @@ def decode(data: bytes, filt: str, dtype: str, shape: list[int], bits: int = 8) 
     elif filt == "bytesplit":
         size = np.dtype(np_dtype).itemsize
         a = np.frombuffer(data, dtype=np.uint8).reshape(size, n).T.copy().view(np_dtype).reshape(shape)
-    elif filt == "transpose":
-        a = np.frombuffer(data, dtype=np_dtype).reshape(shape[::-1]).T
     else:
-        raise InputError(f"artifact: unknown filter {filt!r}")
+        a = np.frombuffer(data, dtype=np_dtype).reshape(shape[::-1]).T  # transpose
     return torch.from_numpy(np.array(a))  # a writable copy in C order
-
-
-def candidate_filters(t: torch.Tensor, bits: int) -> list[str]:
-    if t.dtype == torch.int8:
-        return ["raw", "transpose"] + (["bitpack"] if bits < 8 else [])
-    return ["raw", "bytesplit"]
-
-
-def layouts(tensors: dict[str, torch.Tensor], bits: dict[str, int], cctx: zstandard.ZstdCompressor) -> dict[str, dict[str, str]]:
-    """Whole-artifact filter choices to try: uniform ones, and each tensor's best when compressed alone."""
-    def uniform(codes: str, floats: str) -> dict[str, str]:
-        return {n: codes if t.dtype == torch.int8 else floats for n, t in tensors.items()}
-
-    alone = {}
-    for name, t in tensors.items():
-        sizes = {f: len(cctx.compress(encode(t, f, bits.get(name, 8)))) for f in candidate_filters(t, bits.get(name, 8))}
-        alone[name] = min(sizes, key=lambda f: (sizes[f], f))
-    return {
-        "raw": uniform("raw", "raw"),
-        "raw+bytesplit": uniform("raw", "bytesplit"),
-        "transpose+bytesplit": uniform("transpose", "bytesplit"),
-        "best-alone": alone,
-    }
-
-
-def pack(tensors: dict[str, torch.Tensor], bits: dict[str, int], meta: dict, level: int = 22) -> tuple[bytes, dict]:
-    """The artifact bytes, and a report: the layout kept, its filter per tensor, every layout's size.
-
-    bits[name] gives the width of int8 code tensors (8 if absent). Tensors are stored grouped by
-    dtype (codes, then float16, then float32), which zstd compresses better than any interleaving;
-    each candidate layout is compressed whole and the smallest is kept.
-    """
-    cctx = zstandard.ZstdCompressor(level=level)
-    tensors = {k: v.detach().cpu() for k, v in tensors.items()}
-    for name, t in tensors.items():
-        if str(t.dtype).removeprefix("torch.") not in DTYPES:
-            raise ValueError(f"{name}: cannot pack dtype {t.dtype}")
-    order = sorted(tensors, key=lambda n: (list(DTYPES).index(str(tensors[n].dtype).removeprefix("torch.")), n))
-    best = None
-    sizes = {}
-    for layout, filters in layouts(tensors, bits, cctx).items():
-        entries, chunks, offset = [], [], 0
-        for name in order:
-            t, b = tensors[name], bits.get(name, 8)
-            data = encode(t, filters[name], b)
-            entries.append({"name": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "bits": b, "filter": filters[name], "offset": offset, "length": len(data)})
-            chunks.append(data)
-            offset += len(data)
-        payload = b"".join(chunks)
-        compressed = cctx.compress(payload)
-        sizes[layout] = len(compressed)
-        if best is None or len(compressed) < len(best[2]):
-            best = (layout, entries, compressed, len(payload))
-    layout, entries, compressed, payload_size = best
-    header = json.dumps({"version": 1, "meta": meta, "tensors": entries, "payload_size": payload_size}, separators=(",", ":"))
-    header_z = cctx.compress(header.encode())
-    body = MAGIC + struct.pack("<I", len(header_z)) + header_z + compressed
-    report = {"layout": layout, "filters": {e["name"]: e["filter"] for e in entries}, "layout_bytes": sizes}
-    return body + hashlib.sha256(body).digest(), report
-
-
-def pack_quantized(tensors: dict[str, torch.Tensor], meta: dict, level: int = 22) -> tuple[bytes, dict]:
-    """pack() for calibrate's output: each matrix's codes at its bit width, the network's params in the header."""
-    bits = {n: info["bits"] for n, info in meta["tensors"].items()}
-    header = {"model": meta["model"], "quantized": meta["quantized"], "bits": bits}
-    return pack(tensors, {f"{n}.codes": b for n, b in bits.items()}, header, level)
 
 
 def _int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _filters(dtype: str, bits: int) -> tuple[str, ...]:
+def _is(x: object, kind: str) -> bool:
+    return isinstance(x, bool) if kind == "bool" else _int(x) or (kind == "float" and isinstance(x, float))
+
+
+def filters(dtype: str, bits: int) -> tuple[str, ...]:
     """The filters pack can write for a tensor of this dtype and bit width."""
     return ("raw", "transpose") + (("bitpack",) if bits < 8 else ()) if dtype == "int8" else ("raw", "bytesplit")
 
@@ -160,12 +67,8 @@ def _length(numel: int, dtype: str, filt: str, bits: int) -> int:
 
 
 def _header(blob: bytes, where: str) -> tuple[dict, int]:
-    """The checked header of an artifact and where its payload starts.
-
-    Every field is checked before anything is allocated: the tensors' sizes follow from their shapes,
-    dtypes, filters and bit widths, they tile the payload exactly, and together they hold no more
-    than MAX_PARAMS values (a parameter takes at least a bit of a BYTE_LIMIT-byte artifact).
-    """
+    """The header, every field checked, and where the payload starts: lengths follow from shape, dtype, filter
+    and bits, and the tensors tile the payload exactly."""
     def bad(msg: str) -> InputError:
         return InputError(f"{where}: {msg}")
 
@@ -196,18 +99,17 @@ def _header(blob: bytes, where: str) -> tuple[dict, int]:
         names.add(e["name"])
         what = f"tensor {e['name']!r}"
         dtype, shape, bits, filt = e.get("dtype"), e.get("shape"), e.get("bits"), e.get("filter")
-        if not isinstance(dtype, str) or dtype not in DTYPES or not _int(bits) or not 1 <= bits <= 8 or filt not in _filters(dtype, bits):
+        if not isinstance(dtype, str) or dtype not in DTYPES or not _int(bits) or not 1 <= bits <= 8 or filt not in filters(dtype, bits):
             raise bad(f"{what}: dtype {dtype!r}, bits {bits!r} and filter {filt!r} are not a combination pack writes")
         if not isinstance(shape, list) or len(shape) > 4 or not all(_int(n) and n >= 0 for n in shape):
             raise bad(f"{what}: shape {shape!r} is not a list of at most 4 sizes >= 0")
         numel = int(np.prod(shape, dtype=object)) if shape else 1
         values += numel
         if values > 2 * MAX_PARAMS:
-            raise bad(f"the tensors hold over {2 * MAX_PARAMS:,} values: no {BYTE_LIMIT:,}-byte artifact can")
+            raise bad(f"the tensors hold over {2 * MAX_PARAMS:,} values")
         length = _length(numel, dtype, filt, bits)
         if e.get("offset") != offset or e.get("length") != length or not _int(e.get("offset")) or not _int(e.get("length")):
-            raise bad(f"{what} lies outside the payload: offset {e.get('offset')!r}, length {e.get('length')!r}; "
-                      f"its shape and filter put it at {offset}, {length} bytes")
+            raise bad(f"{what} lies outside the payload: offset, length {e.get('offset')!r}, {e.get('length')!r}, not {offset}, {length}")
         offset += length
     if size != offset:
         raise bad(f"payload claims {size} bytes but its tensors take {offset}")
@@ -226,7 +128,7 @@ def _decode(blob: bytes, header: dict, start: int, where: str) -> dict[str, torc
 
 
 def unpack(blob: bytes, where: str = "artifact") -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors and metadata of an artifact; any damage or absurd size is an InputError naming `where`."""
+    """Tensors and meta of an artifact; any damage is an InputError naming `where`."""
     header, start = _header(blob, where)
     return _decode(blob, header, start, where), header["meta"]
 
@@ -238,10 +140,6 @@ def read(path: Path) -> bytes:
     if path.stat().st_size > MAX_FILE:
         raise InputError(f"{path}: {path.stat().st_size:,} bytes; no artifact is over {MAX_FILE:,}")
     return path.read_bytes()
-
-
-def load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    return unpack(read(path), str(Path(path)))
 
 
 def _shapes(p: ModelParams) -> dict[str, tuple[int, ...]]:
@@ -258,10 +156,14 @@ def check_model(header: dict, where: str) -> ModelParams:
     quantized = meta.get("quantized")
     if not isinstance(meta.get("model"), dict) or not isinstance(quantized, list) or not all(isinstance(q, str) for q in quantized):
         raise bad("the header's meta needs a 'model' mapping and a 'quantized' list of names")
+    raw, kinds = meta["model"], {f.name: f.type for f in fields(ModelParams)}  # annotations: 'int', 'float', 'bool'
+    wrong = sorted(set(kinds) ^ set(raw)) + [k for k in kinds if k in raw and not _is(raw[k], kinds[k])]
+    if wrong:
+        raise bad(f"model params in the header: {wrong[0]!r} is missing, unknown or not {kinds.get(wrong[0], 'known')}")
     try:
-        p = params.section(meta, "model", ModelParams, Path(where))
+        p = ModelParams(**raw)
     except InputError as exc:
-        raise bad(f"model params in the header: {str(exc).removeprefix(f'{where}: ').removeprefix('params.yaml: ')}") from None
+        raise bad(f"model params in the header: {str(exc).removeprefix('params.yaml: ')}") from None
     state = {n: e["shape"] for n, e in entries.items() if not n.endswith((".codes", ".scale"))}
     for name in quantized:
         codes, scale = entries.get(f"{name}.codes"), entries.get(f"{name}.scale")
@@ -270,10 +172,10 @@ def check_model(header: dict, where: str) -> ModelParams:
             raise bad(f"quantized tensor {name!r} needs int8 {name}.codes [rows, cols] and float16 {name}.scale [rows]")
         state[name] = codes["shape"]
     if len(state) + len(quantized) != len(entries) or any(entries[n]["dtype"] == "int8" for n in state if n in entries):
-        raise bad("the artifact holds codes or scales of no quantized tensor, or integer tensors that are not codes")
+        raise bad("codes or scales of no quantized tensor, or integer tensors that are not codes")
     one, two = _shapes(replace(p, layers=1)), _shapes(replace(p, layers=2))
     expected = len(one) + (p.layers - 1) * (len(two) - len(one))
-    if expected != len(state):  # checked before building the declared model, whose size is then bounded
+    if expected != len(state):
         raise bad(f"the header declares {p.layers} layers ({expected} tensors) but holds {len(state)} tensors")
     shapes = _shapes(p)
     for name in sorted(set(shapes) | set(state)):
@@ -281,18 +183,8 @@ def check_model(header: dict, where: str) -> ModelParams:
             raise bad(f"tensor {name!r}: {state.get(name)} in the artifact, {shapes.get(name)} in the declared model")
     n = sum(int(np.prod(s, dtype=object)) for s in shapes.values())
     if n > MAX_PARAMS:
-        raise bad(f"the declared model has {n:,} parameters; a {BYTE_LIMIT:,}-byte artifact holds at most {MAX_PARAMS:,}")
+        raise bad(f"the declared model has {n:,} parameters (at most {MAX_PARAMS:,})")
     return p
-
-
-def model_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> GPT:
-    """The float network the codes stand for: codes times row scales, in the network meta["model"] names."""
-    state = {k: v for k, v in tensors.items() if not k.endswith((".codes", ".scale"))}
-    for name in meta["quantized"]:
-        state[name] = dequantize(tensors[f"{name}.codes"], tensors[f"{name}.scale"])
-    model = GPT(ModelParams(**meta["model"]))
-    model.load_state_dict(state, strict=True)
-    return model
 
 
 def load_model(path: Path) -> GPT:

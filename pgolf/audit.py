@@ -10,13 +10,31 @@ had there. A scorer that renormalises around the true target, hashes the target 
 """
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
+from pgolf.errors import InputError
 from pgolf.progress import Progress
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyParams:
+    positions: int  # sampled positions whose full distribution is rebuilt and checked
+    audit_tokens: int  # the streaming audits look at the first this many targets (0: all)
+    byte_limit: int  # artifact + code
+    max_state_bytes: int  # eval-time auxiliary state
+    max_overhead: float  # cache seconds over neural scoring seconds
+    strict: bool  # fail the stage, after writing the report, when a rule is broken
+
+    def __post_init__(self) -> None:
+        if self.positions < 1 or self.audit_tokens < 0 or self.byte_limit < 1 or self.max_state_bytes < 1 or self.max_overhead <= 0:
+            raise InputError("params.yaml: verify.positions, byte_limit, max_state_bytes and max_overhead must be positive, audit_tokens >= 0")
+
 
 SUM_TOLERANCE = 1e-6
 TARGET_TOLERANCE = 1e-5  # relative: pass-1 NLLs are float32, rebuilt here one window at a time

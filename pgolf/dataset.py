@@ -6,6 +6,8 @@ exporter, so its shards come out byte for byte.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import shutil
 from pathlib import Path
@@ -22,6 +24,33 @@ from pgolf.encode import batched, encode_batches
 from pgolf.errors import InputError
 from pgolf.files import sha256_file
 from pgolf.progress import Progress
+
+
+@dataclasses.dataclass(frozen=True)
+class DataParams:
+    source: str  # builtin | docs | shards
+    docs: str | list[str] | None  # docs: files, folders, globs or URLs (.jsonl, .parquet, .txt)
+    shards: str | None  # shards: a folder holding fineweb_{train,val}_*.bin
+    val_docs: int | None  # validation = the first val_docs documents (null: all of them, shards only)
+    shard_tokens: int  # tokens per shard file
+    workers: int  # encoding processes; 0 = one per core
+    download_dir: str  # where URLs in data.docs are downloaded to
+
+    def __post_init__(self) -> None:
+        sources = ("builtin", "docs", "shards")
+        if self.source not in sources:
+            raise InputError(f"params.yaml: data.source is {self.source!r}; use one of {', '.join(sources)}")
+        if self.source == "docs" and not self.docs:
+            raise InputError("params.yaml: data.source is 'docs' but data.docs is empty")
+        if self.source == "shards" and not self.shards:
+            raise InputError("params.yaml: data.source is 'shards' but data.shards is empty")
+        if self.source != "shards" and (self.val_docs is None or self.val_docs < 1):
+            raise InputError("params.yaml: data.val_docs must be a positive document count")
+        if self.shard_tokens < 1:
+            raise InputError("params.yaml: data.shard_tokens must be positive")
+        if self.workers < 0:
+            raise InputError("params.yaml: data.workers must be 0 (all cores) or more")
+
 
 ROUNDTRIP_DOCS = 8  # validation documents re-encoded to check that a tokenizer fits its shards
 

@@ -151,7 +151,3 @@ def gptq_rows(w: Tensor, H: Tensor, bits: int, damp: float = 0.01) -> tuple[Tens
         best_err = torch.where(better, err, best_err)
         codes[better], scales[better] = Q[better], scale[better]
     return codes.to(torch.int8), scales.half()
-
-
-def dequantize(codes: Tensor, scale: Tensor) -> Tensor:
-    return codes.float() * scale.float()[:, None]

@@ -8,11 +8,40 @@ the second half (decoder) add them back in reverse order through learnable skip 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pgolf.params import ModelParams
+from pgolf.errors import InputError
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelParams:
+    layers: int
+    dim: int
+    heads: int
+    kv_heads: int  # grouped-query attention: heads share kv_heads key/value heads
+    mlp_mult: int  # MLP hidden width = mlp_mult * dim, relu² activation
+    vocab_size: int
+    tie_embeddings: bool  # the output head is the token embedding
+    logit_softcap: float  # logits = cap * tanh(logits / cap)
+    rope_base: float
+    qk_gain_init: float  # initial per-head gain on the RMS-normed queries
+    tied_embed_init_std: float
+
+    def __post_init__(self) -> None:
+        for key in ("layers", "dim", "heads", "kv_heads", "mlp_mult", "vocab_size"):
+            if getattr(self, key) < 1:
+                raise InputError(f"params.yaml: model.{key} must be positive")
+        if self.dim % self.heads or (self.dim // self.heads) % 2:
+            raise InputError(f"params.yaml: model.dim ({self.dim}) must be an even multiple of model.heads ({self.heads}) for rotary")
+        if self.heads % self.kv_heads:
+            raise InputError(f"params.yaml: model.heads ({self.heads}) must be a multiple of model.kv_heads ({self.kv_heads})")
+        if not self.logit_softcap > 0 or not self.rope_base > 0 or not self.tied_embed_init_std >= 0:
+            raise InputError("params.yaml: model.logit_softcap and model.rope_base must be positive, model.tied_embed_init_std >= 0")
+
 
 # Small control tensors: optimized with Adam, kept in float32, left unquantized by the baseline.
 CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights")

@@ -13,11 +13,43 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pgolf.errors import InputError
 from pgolf import gptq
-from pgolf.artifact import model_from_tensors
+from pgolf.codes import dequantize
 from pgolf.model import GPT, CastedLinear
-from pgolf.params import QuantParams
 from pgolf.progress import Progress
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantBits:
+    attn: int  # attention matrices (q, k, v, output projection)
+    mlp: int  # MLP matrices
+    embed: int  # token embedding (and an untied output head)
+
+    def __post_init__(self) -> None:
+        for key in ("attn", "mlp", "embed"):
+            if not 2 <= getattr(self, key) <= 8:
+                raise InputError(f"params.yaml: quant.bits.{key} is {getattr(self, key)}; use 2..8")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantParams:
+    method: str  # gptq | rtn
+    bits: QuantBits
+    calib_seqs: int  # calibration sequences from the train shards (never validation)
+    seq_len: int  # tokens per calibration sequence
+    damp: float  # Hessian damping, a fraction of its mean diagonal
+    act_order: bool  # quantize columns in order of decreasing Hessian diagonal
+    block_size: int  # columns per lazy GPTQ update block
+
+    def __post_init__(self) -> None:
+        if self.method not in ("gptq", "rtn"):
+            raise InputError(f"params.yaml: quant.method is {self.method!r}; use gptq or rtn")
+        if self.calib_seqs < 1 or self.seq_len < 1 or self.block_size < 1:
+            raise InputError("params.yaml: quant.calib_seqs, quant.seq_len and quant.block_size must be positive")
+        if not 0 <= self.damp < 1:
+            raise InputError("params.yaml: quant.damp must be in [0, 1)")
+
 
 
 def tensor_class(name: str) -> str | None:
@@ -137,7 +169,7 @@ def quantize_model(model: GPT, hessians: dict[str, torch.Tensor], q: QuantParams
             dist.broadcast(codes, src=i % world)
             dist.broadcast(scale, src=i % world)
         tensors[f"{name}.codes"], tensors[f"{name}.scale"] = codes, scale
-        err = w.double() - gptq.dequantize(codes, scale).double()
+        err = w.double() - dequantize(codes, scale).double()
         info[name] = {
             "class": cls,
             "bits": bits,
@@ -149,8 +181,3 @@ def quantize_model(model: GPT, hessians: dict[str, torch.Tensor], q: QuantParams
         progress.update()
     progress.done(f"{q.method}, bits attn/mlp/embed = {q.bits.attn}/{q.bits.mlp}/{q.bits.embed}")  # its own share of the time
     return tensors, {"model": dataclasses.asdict(model.p), "quantized": names, "tensors": info}
-
-
-def dequantized(tensors: dict[str, torch.Tensor], meta: dict) -> GPT:
-    """The float model the codes stand for (the same function the artifact's loader uses)."""
-    return model_from_tensors(tensors, meta)

@@ -7,6 +7,8 @@ and every batch is computed the same way for any process count.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +20,33 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from pgolf.errors import InputError
 from pgolf.bpb import ByteTables, bits_per_byte
 from pgolf.distributed import Dist
 from pgolf.evaluate import autocast
 from pgolf.model import GPT
 from pgolf.progress import Progress
 from pgolf.windows import Windows, doc_of, doc_starts
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalParams:
+    seq_len: int  # scoring window length (context + scored tokens)
+    stride: int  # each window scores its last `stride` targets; stride == seq_len: non-overlapping windows
+    batch: int  # windows per forward pass
+    doc_isolated: bool  # a window never reaches back past its document's BOS
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 1 or self.batch < 1:
+            raise InputError("params.yaml: eval.seq_len and eval.batch must be positive")
+        if not 1 <= self.stride <= self.seq_len:
+            raise InputError(f"params.yaml: eval.stride is {self.stride}; it must be 1..eval.seq_len ({self.seq_len})")
+
+    @property
+    def mode(self) -> str:
+        kind = "non-overlapping" if self.stride == self.seq_len else f"sliding-{self.stride}"
+        return f"{kind}-doc-isolated" if self.doc_isolated else kind
+
 
 SCHEMA = pa.schema(
     [

@@ -20,6 +20,7 @@ VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 SPLITS = ("val", "train")
+MAX_VOCAB = 65_536  # token ids are stored as uint16
 _NAME = re.compile(r"fineweb_(train|val)_(\d{6})\.bin")
 
 

@@ -1,6 +1,8 @@
 """SentencePiece tokenizers: load one with checks, or train a BPE model with the challenge's settings."""
 from __future__ import annotations
 
+import dataclasses
+
 import io
 from pathlib import Path
 from typing import Iterable
@@ -9,7 +11,25 @@ import sentencepiece as spm
 
 from pgolf.errors import InputError
 from pgolf.files import write_bytes
-from pgolf.params import MAX_VOCAB
+from pgolf.shards import MAX_VOCAB
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerParams:
+    model: str | None  # an existing SentencePiece model; null = train one on the training documents
+    vocab_size: int  # vocabulary of a trained tokenizer
+    train_docs: int | None  # train it on the first N training documents (null: all)
+    train_on_val: bool  # also feed it the validation documents (the official tokenizer saw them)
+
+    def __post_init__(self) -> None:
+        if not 8 <= self.vocab_size <= MAX_VOCAB:
+            raise InputError(
+                f"params.yaml: tokenizer.vocab_size is {self.vocab_size}; it must be 8..{MAX_VOCAB:,} "
+                "so that every token id fits the shards' uint16"
+            )
+        if self.train_docs is not None and self.train_docs < 1:
+            raise InputError("params.yaml: tokenizer.train_docs must be positive or null")
+
 
 # The settings of the official exporter (data/download_hf_docs_and_tokenize.py).
 CHALLENGE_SETTINGS = dict(

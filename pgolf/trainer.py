@@ -24,7 +24,49 @@ from pgolf.evaluate import autocast
 from pgolf.loader import TrainLoader
 from pgolf.model import GPT
 from pgolf.muon import Muon
-from pgolf.params import ModelParams, TrainParams
+from pgolf.model import ModelParams
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainParams:
+    seq_len: int
+    batch_tokens: int  # tokens per optimizer step, over all processes
+    grad_accum: int  # micro-batches per step over all processes (each process runs grad_accum / world)
+    iterations: int  # stop after this many steps ...
+    max_seconds: float  # ... or this much training time, whichever comes first (0 = no limit)
+    warmdown_iters: int  # linear LR decay to 0 over the last N steps (of the time budget, if one is set)
+    warmup_steps: int  # steps run and then undone before timing starts (primes torch.compile)
+    embed_lr: float  # untied input embedding (Adam)
+    head_lr: float  # untied output head (Adam)
+    tied_embed_lr: float  # tied embedding (Adam)
+    matrix_lr: float  # block matrices (Muon)
+    scalar_lr: float  # vectors and control tensors (Adam)
+    muon_momentum: float
+    muon_backend_steps: int  # Newton-Schulz iterations
+    muon_momentum_warmup_start: float
+    muon_momentum_warmup_steps: int
+    beta1: float
+    beta2: float
+    adam_eps: float
+    grad_clip_norm: float  # 0 = off
+    val_tokens: int  # score the first N validation tokens after training (0 = all)
+    val_batch_seqs: int  # sequences per evaluation batch on each process
+    log_every: int  # steps between progress lines
+    checkpoint_every: int  # steps between resumable checkpoints in the run folder (0 = off)
+    resume: bool  # continue from the newest checkpoint in the run folder
+    compile: bool  # torch.compile on CUDA (CPU always runs eagerly)
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 1 or self.grad_accum < 1 or self.iterations < 1:
+            raise InputError("params.yaml: train.seq_len, train.grad_accum and train.iterations must be positive")
+        if self.batch_tokens % (self.grad_accum * self.seq_len):
+            raise InputError(
+                f"params.yaml: train.batch_tokens ({self.batch_tokens}) must be a multiple of "
+                f"train.grad_accum * train.seq_len ({self.grad_accum} * {self.seq_len})"
+            )
+        if self.max_seconds < 0:
+            raise InputError("params.yaml: train.max_seconds must be 0 (no limit) or positive")
+
 
 # Train settings that cannot change the trained weights: the only ones a resume may differ in.
 NOT_RESULT = ("resume", "log_every", "checkpoint_every", "val_tokens", "val_batch_seqs")

@@ -12,7 +12,7 @@ from pgolf.stage import run_stage
 from pgolf.files import staged, write_json
 from pgolf.layout import CHECKPOINT, DETAILS, METRICS, QUANTIZED, SHARDS
 from pgolf.loader import TokenStream
-from pgolf.params import QuantParams
+from pgolf.quantize import QuantParams
 from pgolf.progress import Progress
 
 

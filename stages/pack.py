@@ -8,12 +8,12 @@ import time
 
 import torch
 
-from pgolf import artifact, checkpoint, params
+from pgolf import artifact, checkpoint, pack, params
 from pgolf.errors import InputError
 from pgolf.stage import run_stage
 from pgolf.files import staged, write_bytes, write_json
 from pgolf.layout import ARTIFACT, DETAILS, LOADER_MODULE, METRICS, QUANTIZED
-from pgolf.params import PackParams
+from pgolf.pack import PackParams
 from pgolf.sources import code_bytes, code_files
 
 
@@ -21,7 +21,7 @@ def main() -> None:
     pk = params.section(params.load(), "pack", PackParams)
     t = time.perf_counter()
     tensors, meta = checkpoint.read_safetensors(QUANTIZED)
-    blob, report = artifact.pack_quantized(tensors, meta, pk.level)
+    blob, report = pack.pack_quantized(tensors, meta, pk.level)
     filters = report["filters"]
     files = code_files(LOADER_MODULE)
     n_code = code_bytes(files)

@@ -26,7 +26,9 @@ from pgolf.stage import run_stage
 from pgolf.files import staged, write_bytes, write_json
 from pgolf.layout import (ARTIFACT, CHECKPOINT, DETAILS, DOC_INDEX, LOADER_MODULE, METRICS, PLOTS, QUANTIZED, REPORT, RESCORES, SCORES, SHARDS,
                           TOKENIZER, TRAIN_CURVE)
-from pgolf.params import CacheParams, EvalParams, VerifyParams
+from pgolf.audit import VerifyParams
+from pgolf.cache import CacheParams
+from pgolf.score import EvalParams
 from pgolf.progress import Progress
 from pgolf.score import score_batch, write_records
 from pgolf.sources import code_bytes, code_files

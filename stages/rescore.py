@@ -15,7 +15,7 @@ from pgolf.errors import InputError
 from pgolf.stage import run_stage
 from pgolf.files import staged, write_json
 from pgolf.layout import DETAILS, METRICS, RESCORES, SCORES, SHARDS
-from pgolf.params import CacheParams
+from pgolf.cache import CacheParams
 
 SCHEMA = pa.schema(
     [

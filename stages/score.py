@@ -14,7 +14,7 @@ from pgolf.errors import InputError
 from pgolf.stage import run_stage
 from pgolf.files import staged, write_json
 from pgolf.layout import ARTIFACT, METRICS, SCORES, SHARDS, TOKENIZER
-from pgolf.params import EvalParams
+from pgolf.score import EvalParams
 from pgolf.progress import Progress
 from pgolf.score import write_records
 

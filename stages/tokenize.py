@@ -17,7 +17,8 @@ from pgolf.errors import InputError
 from pgolf.stage import run_stage
 from pgolf.files import sha256_file, staged, write_json
 from pgolf.layout import DATA, DOC_INDEX, MANIFEST, METRICS, SHARDS, TOKENIZER
-from pgolf.params import DataParams, TokenizerParams
+from pgolf.dataset import DataParams
+from pgolf.tokenizer import TokenizerParams
 
 
 def from_shards(data: DataParams, model: Path, shards_dir: Path, index: Path) -> tuple[dict, dict]:

@@ -9,7 +9,7 @@ import csv
 import io
 import time
 
-from pgolf import checkpoint, distributed, params, tokenizer, trainer
+from pgolf import checkpoint, distributed, params, shards, tokenizer, trainer
 from pgolf.bpb import ByteTables
 from pgolf.errors import InputError
 from pgolf.evaluate import evaluate
@@ -17,7 +17,8 @@ from pgolf.stage import run_stage
 from pgolf.files import sha256_file, staged, write_bytes, write_json
 from pgolf.layout import CHECKPOINT, METRICS, SHARDS, TOKENIZER, TRAIN_RUN
 from pgolf.loader import validation_tokens
-from pgolf.params import ModelParams, TrainParams
+from pgolf.model import ModelParams
+from pgolf.trainer import TrainParams
 
 
 def main() -> None:
@@ -26,6 +27,8 @@ def main() -> None:
     model_p = params.section(p, "model", ModelParams)
     train_p = params.section(p, "train", TrainParams)
     seed = params.scalar(p, "seed", int)
+    if model_p.vocab_size > shards.MAX_VOCAB:
+        raise InputError(f"params.yaml: model.vocab_size is {model_p.vocab_size}; shards hold ids below {shards.MAX_VOCAB:,}")
     vocab = tokenizer.load(TOKENIZER).vocab_size()
     if vocab > model_p.vocab_size:
         raise InputError(f"params.yaml: model.vocab_size is {model_p.vocab_size} but {TOKENIZER} has {vocab} tokens")

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 import zstandard
 
-from pgolf import artifact, gptq, quantize
+from pgolf import artifact, gptq, pack, quantize
 from pgolf.errors import InputError
 from pgolf.model import GPT
-from pgolf.params import ModelParams
+from pgolf.model import ModelParams
 
 TINY = ModelParams(layers=2, dim=16, heads=2, kv_heads=1, mlp_mult=2, vocab_size=64, tie_embeddings=True,
                    logit_softcap=30.0, rope_base=10000.0, qk_gain_init=1.5, tied_embed_init_std=0.005)
@@ -40,7 +40,7 @@ def tiny_artifact() -> bytes:
     for n in names:
         tensors[f"{n}.codes"], tensors[f"{n}.scale"] = gptq.rtn(state[n], 6, None)
     meta = {"model": dataclasses.asdict(TINY), "quantized": names, "tensors": {n: {"bits": 6} for n in names}}
-    return artifact.pack_quantized(tensors, meta, level=3)[0]
+    return pack.pack_quantized(tensors, meta, level=3)[0]
 
 
 def split(blob: bytes) -> tuple[dict, bytes]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 import zstandard
 
-from pgolf import artifact, checkpoint, quantize
+from pgolf import artifact, checkpoint, codes, pack
 from pgolf.errors import InputError
 from conftest import REPO, make_data, run_stage, tiny_params
 
@@ -25,19 +25,19 @@ def sample_tensors():
 @pytest.mark.parametrize("filt", ["raw", "transpose", "bitpack"])
 def test_every_filter_round_trips(filt):
     codes = sample_tensors()["w.codes"]
-    assert torch.equal(artifact.decode(artifact.encode(codes, filt, 5), filt, "int8", list(codes.shape), 5), codes)
+    assert torch.equal(artifact.decode(pack.encode(codes, filt, 5), filt, "int8", list(codes.shape), 5), codes)
 
 
 def test_float_filters_round_trip_bit_for_bit():
     for t in (sample_tensors()["w.scale"], sample_tensors()["gain"], torch.tensor([float("nan"), -0.0, 1e-40])):
         dtype = str(t.dtype).removeprefix("torch.")
-        back = artifact.decode(artifact.encode(t, "bytesplit"), "bytesplit", dtype, list(t.shape))
+        back = artifact.decode(pack.encode(t, "bytesplit"), "bytesplit", dtype, list(t.shape))
         assert back.dtype == t.dtype and back.numpy().tobytes() == t.numpy().tobytes()
 
 
 def test_pack_unpack_is_identity_and_records_filters():
     tensors = sample_tensors()
-    blob, report = artifact.pack(tensors, {"w.codes": 5}, {"model": {}, "quantized": []}, level=3)
+    blob, report = pack.pack(tensors, {"w.codes": 5}, {"model": {}, "quantized": []}, level=3)
     back, meta = artifact.unpack(blob)
     assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
     assert set(report["filters"]) == set(tensors) and meta == {"model": {}, "quantized": []}
@@ -45,7 +45,7 @@ def test_pack_unpack_is_identity_and_records_filters():
 
 
 def test_damaged_artifacts_are_refused():
-    blob, _ = artifact.pack(sample_tensors(), {"w.codes": 5}, {}, level=3)
+    blob, _ = pack.pack(sample_tensors(), {"w.codes": 5}, {}, level=3)
     flipped = bytearray(blob)
     flipped[len(blob) // 2] ^= 1
     for bad, message in [(blob[:-10], "checksum"), (bytes(flipped), "checksum"), (b"NOTPGOLF" + blob[8:], "bad magic"), (b"", "too short")]:
@@ -86,15 +86,15 @@ def packed(tmp_path_factory, fineweb):
 
 def test_pack_stage_round_trips_the_calibrated_tensors(packed):
     root, _ = packed
-    tensors, meta = artifact.load(root / "artifacts/model.pgolf")
+    tensors, meta = artifact.unpack((root / "artifacts/model.pgolf").read_bytes())
     calibrated, qmeta = checkpoint.read_safetensors(root / "artifacts/quant.safetensors")
     assert tensors.keys() == calibrated.keys() and all(torch.equal(tensors[k], calibrated[k]) for k in tensors)
-    a, b = artifact.load_model(root / "artifacts/model.pgolf"), quantize.dequantized(calibrated, qmeta)
+    a, b = artifact.load_model(root / "artifacts/model.pgolf"), codes.model_from_tensors(calibrated, qmeta)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     m = json.loads((root / "metrics/pack.json").read_text())
     assert m["total_bytes"] == m["weight_bytes"] + m["code_bytes"] == (root / "artifacts/model.pgolf").stat().st_size + m["code_bytes"]
     code_files = json.loads((root / "reports/details/pack.json").read_text())["code_files"]
-    assert {"pgolf/artifact.py", "pgolf/model.py", "pgolf/gptq.py"} <= set(code_files)
+    assert set(code_files) == {"pgolf/artifact.py", "pgolf/codes.py", "pgolf/errors.py", "pgolf/model.py"}  # a self-contained loader
     assert m["code_bytes"] == sum(len((REPO / f).read_bytes()) for f in code_files)
 
 

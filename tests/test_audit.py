@@ -8,7 +8,7 @@ import pytest
 from conftest import run_stage, shards_params
 from pgolf import audit, cache, shards, tokenizer, windows
 from pgolf.bpb import ByteTables
-from pgolf.params import CacheParams
+from pgolf.cache import CacheParams
 
 V = 16
 

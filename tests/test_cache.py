@@ -11,7 +11,7 @@ import pytest
 from conftest import default_params, run_stage
 from pgolf import cache, ngram, shards
 from pgolf.errors import InputError
-from pgolf.params import CacheParams
+from pgolf.cache import CacheParams
 
 BASE = CacheParams(max_order=4, mix="online", lam=0.2, entropy_bins=4, prior=8.0, update_every=16, max_state_bytes=1 << 20)
 
@@ -116,7 +116,7 @@ def scored(tmp_path, fineweb):
     from pgolf.bpb import ByteTables
     from pgolf.distributed import Dist
     from pgolf.model import GPT
-    from pgolf.params import ModelParams
+    from pgolf.model import ModelParams
     from pgolf.score import write_records
 
     root = make_data(tmp_path, fineweb)

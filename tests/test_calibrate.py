@@ -2,7 +2,7 @@ import json
 
 import torch
 
-from pgolf import checkpoint, gptq, quantize
+from pgolf import checkpoint, codes, gptq, quantize
 from conftest import make_data, run_stage, tiny_params
 
 
@@ -27,7 +27,7 @@ def test_calibrate_stage_quantizes_every_matrix_without_validation_data(tmp_path
         assert info["bits"] == bits and info["method"] == "gptq"
         assert tensors[f"{name}.codes"].dtype == torch.int8 and tensors[f"{name}.codes"].abs().max() <= gptq.qmax(bits)
     assert tensors["blocks.0.attn.q_gain"].dtype == torch.float32  # control tensors stay float
-    q_model = quantize.dequantized(tensors, meta)
+    q_model = codes.model_from_tensors(tensors, meta)
     w = float_model.state_dict()["blocks.0.mlp.fc.weight"]
     assert (q_model.state_dict()["blocks.0.mlp.fc.weight"] - w).abs().max() < w.abs().max() / 8
     m = json.loads((root / "metrics/quant.json").read_text())
@@ -41,7 +41,7 @@ def test_tied_embedding_gets_one_hessian_per_row(tmp_path, fineweb):
 
     from pgolf import params
     from pgolf.model import GPT
-    from pgolf.params import ModelParams
+    from pgolf.model import ModelParams
 
     model_p = params.section(tiny_params(), "model", ModelParams)
     torch.manual_seed(0)

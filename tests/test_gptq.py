@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from pgolf import gptq
+from pgolf.codes import dequantize
 
 
 def correlated_layer(seed=0, n=2048, din=96, dout=48):
@@ -12,7 +13,7 @@ def correlated_layer(seed=0, n=2048, din=96, dout=48):
 
 
 def output_error(X, W, codes, scale):
-    return (X @ W.T - X @ gptq.dequantize(codes, scale).T).norm().item()
+    return (X @ W.T - X @ dequantize(codes, scale).T).norm().item()
 
 
 @pytest.mark.parametrize("bits", [3, 4, 6])

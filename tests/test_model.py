@@ -4,7 +4,7 @@ import torch
 
 from pgolf import params
 from pgolf.model import GPT
-from pgolf.params import ModelParams
+from pgolf.model import ModelParams
 from conftest import TINY_MODEL, default_params
 
 BASELINE = dict(layers=9, dim=512, heads=8, kv_heads=4, mlp_mult=2, vocab_size=1024, tie_embeddings=True)

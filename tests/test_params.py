@@ -2,7 +2,8 @@ import pytest
 
 from pgolf import params
 from pgolf.errors import InputError
-from pgolf.params import DataParams, TokenizerParams
+from pgolf.dataset import DataParams
+from pgolf.tokenizer import TokenizerParams
 from conftest import REPO, default_params
 
 
@@ -49,7 +50,7 @@ def test_source_needs_its_path():
 
 def test_numbers_yaml_reads_as_strings_are_numbers(tmp_path):
     """YAML 1.1 reads `1e6` and `1e-3` (no dot) as strings; a numeric key takes them as the numbers they are."""
-    from pgolf.params import TrainParams
+    from pgolf.trainer import TrainParams
 
     text = (REPO / "params.yaml").read_text().replace("max_seconds: 0 ", "max_seconds: 6e2 ").replace("adam_eps: 1.0e-8", "adam_eps: 1e-8")
     text = text.replace("iterations: 100", "iterations: 1e2").replace("seed: 1337", "seed: 1e3")

@@ -8,12 +8,14 @@ import pytest
 import torch
 
 from conftest import TINY_MODEL, default_params, make_data, run_stage
-from pgolf import artifact, quantize, windows
+from pgolf import artifact, pack, quantize, windows
 from pgolf.bpb import ByteTables
 from pgolf.distributed import Dist
 from pgolf.evaluate import evaluate
 from pgolf.model import GPT
-from pgolf.params import EvalParams, ModelParams, QuantBits, QuantParams
+from pgolf.model import ModelParams
+from pgolf.quantize import QuantBits, QuantParams
+from pgolf.score import EvalParams
 from pgolf.score import score_reference, score_stream, write_records
 
 BOS = 1
@@ -170,7 +172,7 @@ def packed(tmp_path_factory, fineweb):
             param.normal_(0, 0.1)
     q = QuantParams(**dict(p["quant"], method="rtn", bits=QuantBits(6, 6, 8)))
     tensors, meta = quantize.quantize_model(model, {}, q)
-    blob, _ = artifact.pack_quantized(tensors, meta)
+    blob, _ = pack.pack_quantized(tensors, meta)
     (root / "artifacts").mkdir()
     (root / "artifacts/model.pgolf").write_bytes(blob)
     p["eval"].update(seq_len=64, stride=16, batch=8)

@@ -11,7 +11,8 @@ from pgolf import checkpoint, params, trainer
 from pgolf.distributed import Dist
 from pgolf.errors import InputError, TrainingDiverged
 from pgolf.model import GPT
-from pgolf.params import ModelParams, TrainParams
+from pgolf.model import ModelParams
+from pgolf.trainer import TrainParams
 from conftest import make_data, run_stage, tiny_params
 
 

@@ -115,6 +115,24 @@ def test_a_module_reruns_only_the_stages_that_import_it(repo, module, expected):
         path.write_text(before)
 
 
+@pytest.mark.parametrize(
+    "module,cls,expected",
+    [("pgolf/cache.py", "CacheParams", ALL[5:]), ("pgolf/audit.py", "VerifyParams", ALL[6:]), ("pgolf/score.py", "EvalParams", ALL[4:]),
+     ("pgolf/quantize.py", "QuantParams", ALL[2:]), ("pgolf/pack.py", "PackParams", ALL[3:])],
+)
+def test_a_new_knob_in_one_section_reruns_only_the_stages_that_read_it(repo, module, cls, expected):
+    """Each section's dataclass lives beside its code, so a new field there is no edit to every stage's deps."""
+    path = repo / module
+    before = path.read_text()
+    head, rest = before.split(f"class {cls}:\n", 1)
+    fields, post = rest.split("    def __post_init__", 1)
+    path.write_text(f"{head}class {cls}:\n{fields}    new_knob: int = 0\n\n    def __post_init__{post}")
+    try:
+        assert would_run(repo) == expected
+    finally:
+        path.write_text(before)
+
+
 # Outputs of the stages a failure below touches, cached and cache: false.
 LAST_GOOD = ["artifacts/quant.safetensors", "artifacts/model.pgolf", "metrics/pack.json", "reports/details/pack.json", "eval/score.parquet",
              "metrics/score.json", "eval/rescore.parquet", "metrics/rescore.json", "metrics/report.json", "reports/report.md",
@@ -208,7 +226,12 @@ def test_push_then_a_fresh_clone_pulls_instead_of_retraining(repo):
 
 def test_the_leaderboard_profile_is_valid_params():
     from pgolf import params
-    from pgolf.params import CacheParams, EvalParams, ModelParams, QuantParams, TrainParams, VerifyParams
+    from pgolf.audit import VerifyParams
+    from pgolf.cache import CacheParams
+    from pgolf.model import ModelParams
+    from pgolf.quantize import QuantParams
+    from pgolf.score import EvalParams
+    from pgolf.trainer import TrainParams
 
     p = params.load(REPO / "profiles" / "8xh100.yaml")
     assert set(p) == set(default_params())
