@@ -1,26 +1,21 @@
 """Newton-Schulz orthogonalisation (Muon's inner loop) on this CPU: float32 against bfloat16.
 
-python bench/newton_schulz.py [--repeats 7]
+python -m bench.newton_schulz [--repeats 7]
 
 pgolf/muon.py runs it in float32 on CPUs; this measures what bf16 would cost or save at the demo's
 and the baseline's matrix shapes (median of --repeats timings of 10 calls each, both dtypes
 alternating). Saves bench/results/newton_schulz.json.
 """
-import sys
+import argparse
+import os
+import statistics
+import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[0] = str(REPO)  # bench/tokenize.py would shadow the standard library's tokenize
+import torch
 
-import argparse  # noqa: E402
-import os  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
-
-from bench.common import save  # noqa: E402
-from pgolf import muon  # noqa: E402
+from bench.common import REPO, save
+from pgolf import muon
 
 SHAPES = [(128, 128), (512, 128), (512, 512), (2048, 512)]  # demo attention / MLP; baseline attention / MLP
 

@@ -1,27 +1,22 @@
 """Packing against the naive way: plain zstd of an int8 dump of the same codes and scales.
 
-python bench/pack.py [--checkpoint artifacts/model.safetensors] [--bits 4 5 6 8] [--level 22]
+python -m bench.pack [--checkpoint artifacts/model.safetensors] [--bits 4 5 6 8] [--level 22]
 
 Quantizes the float checkpoint (RTN: only the codes matter here, not their quality) at each bit width
 for every matrix class, then compares our artifact's weight bytes (filters, header and checksum
 included) with zstd at the same level over the tensors' raw bytes concatenated: int8 codes, float16
 scales, float32 control tensors. Saves bench/results/pack.json.
 """
-import sys
+import argparse
+import dataclasses
+import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[0] = str(REPO)  # bench/tokenize.py would shadow the standard library's tokenize
+import zstandard
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import time  # noqa: E402
-
-import zstandard  # noqa: E402
-
-from pgolf import checkpoint, pack, params, quantize  # noqa: E402
-from pgolf.quantize import QuantBits, QuantParams  # noqa: E402
-from bench.common import save  # noqa: E402
+from bench.common import REPO, save
+from pgolf import checkpoint, pack, params, quantize
+from pgolf.quantize import QuantBits, QuantParams
 
 
 def main() -> None:
@@ -44,7 +39,8 @@ def main() -> None:
         rows.append({"bits": bits, "ours_bytes": len(blob), "naive_zstd_bytes": naive, "ratio": round(len(blob) / naive, 4),
                      "layout": report["layout"], "layout_bytes": report["layout_bytes"], "pack_seconds": round(seconds, 2)})
         print(f"{bits} bits: ours {len(blob):,} B, naive zstd-{args.level} {naive:,} B ({len(blob) / naive:.3f}x); layout {report['layout']}; {seconds:.1f}s")
-    save({"checkpoint": str(args.checkpoint.relative_to(REPO) if args.checkpoint.is_relative_to(REPO) else args.checkpoint), "level": args.level, "rows": rows}, args.out)
+    checkpoint_name = str(args.checkpoint.relative_to(REPO) if args.checkpoint.is_relative_to(REPO) else args.checkpoint)
+    save({"checkpoint": checkpoint_name, "level": args.level, "rows": rows}, args.out)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Quantization penalty: GPTQ against RTN at 4, 5 and 6 bits on the trained demo model.
 
-python bench/quant.py [--fineweb DIR] [--bits 4 5 6]
+python -m bench.quant [--fineweb DIR] [--bits 4 5 6]
 
 The model is bench/train.py's comparison model (seed 1337, 300 steps on the shared FineWeb sample),
 taken from runs/bench/ when bench/train.py has left it there, else trained first (about 4 minutes on
@@ -9,28 +9,22 @@ embedding at 8 bits (the default split), and every class at that width. Calibrat
 tokens; the penalty is val_bpb after minus before on the first 262,144 validation tokens
 (non-overlapping windows). Saves bench/results/quant.json.
 """
-import sys
+import argparse
+import dataclasses
+import tempfile
+import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[0] = str(REPO)  # bench/tokenize.py would shadow the standard library's tokenize
+import torch
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
-
-from bench.train import CACHE, comparison_data, comparison_params  # noqa: E402
-from pgolf import checkpoint, codes, params, quantize, trainer  # noqa: E402
-from pgolf.bpb import ByteTables  # noqa: E402
-from pgolf.distributed import Dist  # noqa: E402
-from pgolf.evaluate import evaluate  # noqa: E402
-from pgolf.loader import TokenStream, validation_tokens  # noqa: E402
-from pgolf.quantize import QuantBits, QuantParams  # noqa: E402
-from pgolf import shards  # noqa: E402
-from bench.common import FINEWEB, save  # noqa: E402
+from bench.common import FINEWEB, REPO, save
+from bench.train import CACHE, comparison_data, comparison_params
+from pgolf import checkpoint, codes, params, quantize, shards, trainer
+from pgolf.bpb import ByteTables
+from pgolf.distributed import Dist
+from pgolf.evaluate import evaluate
+from pgolf.loader import TokenStream, validation_tokens
+from pgolf.quantize import QuantBits, QuantParams
 
 
 def main() -> None:

@@ -1,38 +1,34 @@
 """The causal n-gram cache: tokens/s by order, and an ablation of order x mixing rule on real scores.
 
-python bench/rescore.py [--fineweb DIR] [--repeats 5]
+python -m bench.rescore [--fineweb DIR] [--repeats 5]
 
 Pass-1 records: bench/score.py's artifact model (the demo shape trained on the shared FineWeb sample)
 scored at params.yaml's eval config over all 450 validation documents (504,572 targets). Speed: the
 fast path (pgolf.cache.rescore: n-gram counts, Witten–Bell, mixing) at cache.max_order 2..6 with
 the other cache params as in params.yaml, single process, median of --repeats runs; beside it the
 n-gram probabilities alone computed the straightforward exact sort-based way (np.unique ids and int64
-argsorts; checked equal to ours with unbounded tables), and the streaming reference on 2,000 targets. Ablation: val_bpb with the cache for orders 1..6 x mixing rules, against neural-only.
+argsorts; checked equal to ours with unbounded tables), and the streaming reference on 2,000 targets.
+Ablation: val_bpb with the cache for orders 1..6 x mixing rules, against neural-only.
 Saves bench/results/rescore.json.
 """
-import sys
+import argparse
+import dataclasses
+import os
+import statistics
+import tempfile
+import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[0] = str(REPO)  # bench/tokenize.py would shadow the standard library's tokenize
+import numpy as np
+import pyarrow.parquet as pq
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import os  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-
-from bench.common import FINEWEB, save  # noqa: E402
-from bench.score import artifact_model, ours  # noqa: E402
-from bench.train import comparison_data  # noqa: E402
-from pgolf import allocator, cache, ngram, params, shards  # noqa: E402
-from pgolf.bpb import ByteTables, bits_per_byte  # noqa: E402
-from pgolf.cache import CacheParams  # noqa: E402
-from pgolf.score import EvalParams  # noqa: E402
+from bench.common import FINEWEB, REPO, save
+from bench.score import artifact_blob, ours
+from bench.train import comparison_data
+from pgolf import allocator, artifact, cache, codes, ngram, params, shards
+from pgolf.bpb import ByteTables, bits_per_byte
+from pgolf.cache import CacheParams
+from pgolf.score import EvalParams
 
 
 def straightforward(tokens: np.ndarray, vocab: int, max_order: int) -> np.ndarray:
@@ -84,7 +80,8 @@ def main() -> None:
         shards_dir = comparison_data(args.fineweb, tmp)
         tokens = np.concatenate([shards.read_tokens(f) for f in shards.list_shards(shards_dir, "val")])
         tables = ByteTables.from_sentencepiece(args.fineweb / "tokenizers" / "fineweb_1024_bpe.model", 1024)
-        ours(artifact_model(shards_dir, tmp).eval(), tokens, ev, tables, tmp / "score.parquet")
+        model = codes.model_from_tensors(*artifact.unpack(artifact_blob(shards_dir, tmp))).eval()
+        ours(model, tokens, ev, tables, tmp / "score.parquet")
         rec = pq.read_table(tmp / "score.parquet")
     nll = rec.column("nll").to_numpy().astype(np.float64)
     entropy = rec.column("entropy").to_numpy()

@@ -1,6 +1,6 @@
 """Pass-1 scoring: tokens/s side by side with the official sliding evaluator, and val_bpb by mode.
 
-python bench/score.py [--fineweb DIR] [--official train_gpt.py] [--repeats 3]
+python -m bench.score [--fineweb DIR] [--official train_gpt.py] [--repeats 3]
 
 Model: bench/train.py's comparison model (demo shape 4 x 128, seed 1337, 300 steps on the shared
 FineWeb sample; trained first if runs/bench/ lacks it), calibrated with params.yaml's quant
@@ -21,35 +21,30 @@ Medians of --repeats runs each, and the median of the pairwise ratios.
 val_bpb: all 450 validation documents, non-overlapping, sliding-64, and both doc-isolated.
 Saves bench/results/score.json.
 """
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[0] = str(REPO)  # bench/tokenize.py would shadow the standard library's tokenize
+import numpy as np
+import torch
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from bench.common import FINEWEB, save  # noqa: E402
-from bench.train import CACHE, comparison_data, comparison_params  # noqa: E402
-from pgolf import allocator, artifact, checkpoint, pack, params, quantize, shards, trainer, windows  # noqa: E402
-from pgolf.bpb import ByteTables  # noqa: E402
-from pgolf.distributed import Dist  # noqa: E402
-from pgolf.loader import TokenStream  # noqa: E402
-from pgolf.quantize import QuantParams  # noqa: E402
-from pgolf.score import EvalParams  # noqa: E402
-from pgolf.score import write_records  # noqa: E402
+from bench.common import FINEWEB, REPO, save
+from bench.train import CACHE, comparison_data, comparison_params
+from pgolf import allocator, artifact, checkpoint, pack, params, quantize, shards, trainer, windows
+from pgolf.bpb import ByteTables
+from pgolf.distributed import Dist
+from pgolf.loader import TokenStream
+from pgolf.quantize import QuantParams
+from pgolf.score import EvalParams, write_records
 
 SPEED_TARGETS = 262_144
 
@@ -120,10 +115,10 @@ def child(args) -> None:
 
 
 def timed(side: str, args, blob: Path, tokens: Path) -> dict:
-    cmd = [sys.executable, __file__, "--child", side, "--artifact", str(blob), "--tokens", str(tokens), "--fineweb", str(args.fineweb)]
+    cmd = [sys.executable, "-m", "bench.score", "--child", side, "--artifact", str(blob), "--tokens", str(tokens), "--fineweb", str(args.fineweb)]
     if side == "official":
         cmd += ["--official", str(args.official)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -1,31 +1,26 @@
 """Memory of pass-1 scoring over a long run of small batches: it must stay flat.
 
-python bench/score_memory.py [--artifact artifacts/model.pgolf] [--targets 20000]
+python -m bench.score_memory [--artifact artifacts/model.pgolf] [--targets 20000]
 
 Scores the first --targets validation targets of data/shards with the artifact's model at stride 1 and
 8 windows per batch (thousands of tiny batches, the worst case for the records' buffering), writing
 the records as the score stage does, and samples the process's resident memory as it goes. Run it
 after `dvc repro`. Saves bench/results/score_memory.json.
 """
-import sys
+import argparse
+import tempfile
+import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[0] = str(REPO)  # bench/tokenize.py would shadow the standard library's tokenize
+import numpy as np
+import torch
 
-import argparse  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from bench.common import save  # noqa: E402
-from pgolf import allocator, artifact, shards, windows  # noqa: E402
-from pgolf.bpb import ByteTables  # noqa: E402
-from pgolf.distributed import Dist  # noqa: E402
-from pgolf.layout import SHARDS, TOKENIZER  # noqa: E402
-from pgolf.score import write_records  # noqa: E402
+from bench.common import REPO, save
+from pgolf import allocator, artifact, shards, windows
+from pgolf.bpb import ByteTables
+from pgolf.distributed import Dist
+from pgolf.layout import SHARDS, TOKENIZER
+from pgolf.score import write_records
 
 
 def rss_mb() -> float:

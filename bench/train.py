@@ -1,6 +1,6 @@
 """Training speed and learning, side by side with the official baseline's published CPU figures.
 
-python bench/train.py [--fineweb DIR] [--seeds 1337 42] [--steps 300]
+python -m bench.train [--fineweb DIR] [--seeds 1337 42] [--steps 300]
 
 The issue's set-up: train on extra_docs.jsonl, validate on the 450 val_head documents (first
 262,144 tokens), official sp1024 tokenizer, 4 layers x 128, 4 heads, 2 KV heads, MLP 2x, seq 256,
@@ -8,31 +8,26 @@ The issue's set-up: train on extra_docs.jsonl, validate on the 450 val_head docu
 run on CPU, reached val_bpb 2.444 (seed 1337) and 2.458 (seed 42) there. Prints ms/step, tokens/s
 and val_bpb per seed next to those, and saves bench/results/train.json.
 """
-import sys
+# bench/tokenization.py would shadow the standard library's tokenize: the repository goes first instead.
+import argparse
+import dataclasses
+import os
+import platform
+import tempfile
 from pathlib import Path
 
-# bench/tokenize.py would shadow the standard library's tokenize: the repository goes first instead.
-REPO = Path(__file__).resolve().parents[1]
-sys.path[0] = str(REPO)
+import torch
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import tempfile  # noqa: E402
-
-import torch  # noqa: E402
-
-from pgolf import checkpoint, params, trainer  # noqa: E402
-from pgolf.bpb import ByteTables  # noqa: E402
-from pgolf.dataset import export_docs  # noqa: E402
-from pgolf.distributed import Dist  # noqa: E402
-from pgolf.docs import DocFile, DocReader  # noqa: E402
-from pgolf.evaluate import evaluate  # noqa: E402
-from pgolf.loader import validation_tokens  # noqa: E402
-from pgolf.model import ModelParams  # noqa: E402
-from pgolf.trainer import TrainParams  # noqa: E402
-from bench.common import FINEWEB, save  # noqa: E402
+from bench.common import FINEWEB, REPO, save
+from pgolf import checkpoint, params, trainer
+from pgolf.bpb import ByteTables
+from pgolf.dataset import export_docs
+from pgolf.distributed import Dist
+from pgolf.docs import DocFile, DocReader
+from pgolf.evaluate import evaluate
+from pgolf.loader import validation_tokens
+from pgolf.model import ModelParams
+from pgolf.trainer import TrainParams
 
 OFFICIAL_CPU_VAL_BPB = {1337: 2.444, 42: 2.458}  # measured by the issue's author with train_gpt.py on CPU
 SHAPE = dict(layers=4, dim=128, heads=4, kv_heads=2, mlp_mult=2, vocab_size=1024, tie_embeddings=True)

@@ -61,7 +61,8 @@ def capacities(vocab: int, n_targets: int, params: CacheParams) -> list[int]:
     """n-grams each order may store: what the budget leaves after λ's state, split over the orders."""
     tables = params.max_state_bytes - buckets(params) * LAMBDA_BYTES
     if tables <= 0:
-        raise InputError(f"params.yaml: cache.max_state_bytes ({params.max_state_bytes:,}) does not even hold the λ state ({buckets(params) * LAMBDA_BYTES:,} bytes)")
+        raise InputError(f"params.yaml: cache.max_state_bytes ({params.max_state_bytes:,}) does not even hold the λ state "
+                         f"({buckets(params) * LAMBDA_BYTES:,} bytes)")
     return ngram.capacities(params.max_order, vocab, n_targets, tables)
 
 

@@ -92,7 +92,8 @@ def pack(tensors: dict[str, torch.Tensor], bits: dict[str, int], meta: dict, lev
         for name in order:
             t, b = tensors[name], bits.get(name, 8)
             data = encode(t, chosen[name], b)
-            entries.append({"name": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "bits": b, "filter": chosen[name], "offset": offset, "length": len(data)})
+            dtype = str(t.dtype).removeprefix("torch.")
+            entries.append({"name": name, "dtype": dtype, "shape": list(t.shape), "bits": b, "filter": chosen[name], "offset": offset, "length": len(data)})
             chunks.append(data)
             offset += len(data)
         payload = b"".join(chunks)

@@ -73,6 +73,7 @@ def bar_chart(title: str, x_label: str, bars: dict[str, float]) -> str:
         body.append(f'<text x="{left + t * scale:.1f}" y="{height - BOTTOM + 16}" text-anchor="middle">{_fmt(t)}</text>')
     for i, (label, v) in enumerate(bars.items()):
         y = TOP + i * row
-        body.append(f'<rect x="{left}" y="{y + 2:.1f}" width="{max(v, 0) * scale:.1f}" height="{row - 4:.1f}" fill="{COLORS[0]}"><title>{escape(label)}: {_fmt(v)}</title></rect>')
+        body.append(f'<rect x="{left}" y="{y + 2:.1f}" width="{max(v, 0) * scale:.1f}" height="{row - 4:.1f}" fill="{COLORS[0]}">'
+                    f'<title>{escape(label)}: {_fmt(v)}</title></rect>')
         body.append(f'<text x="{left - 6}" y="{y + row / 2 + 4:.1f}" text-anchor="end" font-size="10">{escape(label)}</text>')
     return _frame(title, x_label, "", body, height)

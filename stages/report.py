@@ -197,7 +197,8 @@ def main() -> None:
     if calib.get("split") != "train":
         rule = audit.Rule(rule.name, False, rule.figure, 0, f"calibration read the {calib.get('split')!r} split, not train")
     rules.append(rule)
-    rules.append(audit.equal("bytes_are_utf8", int(nbytes.sum()), audit.decoded_bytes(sp.decode, tokens, starts), "BPB byte count vs UTF-8 bytes of the decoded validation documents"))
+    rules.append(audit.equal("bytes_are_utf8", int(nbytes.sum()), audit.decoded_bytes(sp.decode, tokens, starts),
+                             "BPB byte count vs UTF-8 bytes of the decoded validation documents"))
     steps.update(what="sizes, data and bytes rules")
 
     # Headline figures, measured here on one basis: non-overlapping windows of eval.seq_len, every target once.

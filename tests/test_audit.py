@@ -158,7 +158,8 @@ def pipeline(tmp_path_factory, fineweb):
     p = shards_params(fineweb, tmp_path_factory.mktemp("src"), 6000, 40000)
     root = tmp_path_factory.mktemp("run")
     p["model"].update(layers=2, dim=32, heads=2, kv_heads=1, mlp_mult=2)
-    p["train"].update(seq_len=32, batch_tokens=512, grad_accum=4, iterations=4, warmdown_iters=2, val_tokens=2048, val_batch_seqs=16, log_every=1, checkpoint_every=0)
+    p["train"].update(seq_len=32, batch_tokens=512, grad_accum=4, iterations=4, warmdown_iters=2, val_tokens=2048, val_batch_seqs=16,
+                      log_every=1, checkpoint_every=0)
     p["quant"].update(calib_seqs=8, seq_len=32)
     p["eval"].update(seq_len=64, stride=16, batch=32)
     p["verify"].update(positions=16)
@@ -178,7 +179,8 @@ def test_the_real_pipeline_passes_every_rule(pipeline):
     assert all(not isinstance(v, (dict, list)) for v in report.values())  # flat headline figures for dvc metrics show
     assert set(rules) >= {"normalization", "causality_cache", "causality_pass1", "single_pass", "artifact_bytes",
                                     "state_bytes", "cache_overhead", "val_not_in_train", "val_not_in_calibration", "bytes_are_utf8"}
-    for key in ("val_bpb_pre_quant", "val_bpb_post_quant", "quant_penalty", "val_bpb_scored", "val_bpb_cache", "cache_gain", "artifact_bytes", "code_bytes", "weight_bytes", "state_bytes"):
+    for key in ("val_bpb_pre_quant", "val_bpb_post_quant", "quant_penalty", "val_bpb_scored", "val_bpb_cache", "cache_gain",
+                "artifact_bytes", "code_bytes", "weight_bytes", "state_bytes"):
         assert key in report
     text = (root / "reports/report.md").read_text()
     assert "| normalization | pass |" in text and report["revision"] in text

@@ -43,7 +43,8 @@ def would_run(repo, downstream: bool = True) -> list[str]:
 def micro_params(fineweb, src) -> dict:
     p = shards_params(fineweb, src, 3000, 20000)
     p["model"].update(layers=1, dim=16, heads=2, kv_heads=1)
-    p["train"].update(seq_len=32, batch_tokens=256, grad_accum=2, iterations=2, warmdown_iters=1, val_tokens=1024, log_every=1, checkpoint_every=0, compile=False)
+    p["train"].update(seq_len=32, batch_tokens=256, grad_accum=2, iterations=2, warmdown_iters=1, val_tokens=1024, log_every=1,
+                      checkpoint_every=0, compile=False)
     p["quant"].update(calib_seqs=4, seq_len=32)
     p["eval"].update(seq_len=32, stride=16, batch=64)
     p["verify"].update(positions=4, audit_tokens=1000)

@@ -1,30 +1,23 @@
 """Tokenize throughput: 1 process vs one per core, on the shared FineWeb documents.
 
-python bench/tokenize.py [--fineweb DIR] [--copies 4] [--repeats 3]
+python -m bench.tokenization [--fineweb DIR] [--copies 4] [--repeats 3]
 
 Runs the whole exporter (read JSON lines, encode, write shards and the document index) with the
 official sp1024 tokenizer, alternating the two settings so that both see the same machine noise,
 and reports medians. Saves bench/results/tokenize.json.
 """
-import sys
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
 from pathlib import Path
 
-# This file shares its name with the standard library's tokenize module, which numpy imports:
-# put the repository, not this folder, first on the path.
-REPO = Path(__file__).resolve().parents[1]
-sys.path[0] = str(REPO)
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-from pgolf.dataset import export_docs  # noqa: E402
-from pgolf.docs import DocFile, DocReader  # noqa: E402
-from bench.common import FINEWEB, save  # noqa: E402
+from bench.common import FINEWEB, REPO, save
+from pgolf.dataset import export_docs
+from pgolf.docs import DocFile, DocReader
 
 
 def main() -> None:
