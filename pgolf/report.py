@@ -1,0 +1,145 @@
+"""The human side of the report stage: headline BPB on one basis, BPB by position, its CSV rows and plots,
+the markdown report, and the git revision it names.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+
+import numpy as np
+import torch
+
+from pgolf import svgplot, windows
+from pgolf.audit import Rule
+from pgolf.bpb import ByteTables
+from pgolf.distributed import Dist
+from pgolf.layout import PLOTS, REPORT
+from pgolf.model import GPT
+from pgolf.progress import Progress
+from pgolf.score import EvalParams, write_records
+
+
+def non_overlapping_bpb(model: GPT, tokens: np.ndarray, ev: EvalParams, tables: ByteTables, bos: int, what: str) -> float:
+    """val_bpb with non-overlapping windows of eval.seq_len, every target once: the headline's common basis."""
+    plan = windows.plan(tokens, ev.seq_len, ev.seq_len, False, bos)
+    progress = Progress(f"report: {what}, non-overlapping", len(tokens) - 1, "tokens")
+    bpb = write_records(model, tokens, plan, ev.batch, tables, bos, Dist(0, 1, torch.device("cpu")), None, progress).val_bpb
+    progress.done(f"val_bpb {bpb:.4f}")
+    return bpb
+
+
+def headline(pre: float, post: float, m: dict[str, dict], weight_bytes: int, code_bytes: int, state_bytes: int, targets: int, nbytes: int,
+             rules: list[Rule]) -> dict:
+    """metrics/report.json: flat figures for dvc metrics (every rule in full goes to reports/details/report.json).
+
+    pre/post: the float checkpoint's and the artifact's val_bpb on one basis (non_overlapping_bpb); m: the
+    upstream stages' metrics by name.
+    """
+    return {
+        "val_bpb_pre_quant": round(pre, 6), "val_bpb_post_quant": round(post, 6), "quant_penalty": round(post - pre, 6),
+        "val_bpb_scored": m["score"]["val_bpb"], "scored_mode": m["score"]["mode"],
+        "val_bpb_cache": m["rescore"]["val_bpb"], "cache_gain": m["rescore"]["gain"],
+        "artifact_bytes": weight_bytes + code_bytes, "weight_bytes": weight_bytes, "code_bytes": code_bytes,
+        "state_bytes": state_bytes, "val_tokens": targets, "val_bytes": nbytes,
+        "rules": len(rules), "rules_passed": sum(bool(x.passed) for x in rules), "passed": all(bool(x.passed) for x in rules),
+        "revision": git_revision(),
+    }
+
+
+def summary(h: dict) -> str:
+    """The stage's last line."""
+    return (f"val_bpb {h['val_bpb_pre_quant']:.4f} float -> {h['val_bpb_post_quant']:.4f} packed (non-overlapping), "
+            f"{h['val_bpb_scored']:.4f} {h['scored_mode']}, {h['val_bpb_cache']:.4f} with the cache; artifact {h['artifact_bytes']:,} bytes; "
+            f"{h['rules_passed']}/{h['rules']} rules pass")
+
+
+def bpb_by_position(doc_pos: np.ndarray, nll_neural: np.ndarray, nll_cache: np.ndarray, nbytes: np.ndarray) -> list[list]:
+    """Rows (bucket, first position in document, targets, neural BPB, cache BPB) by powers of two."""
+    bucket = np.floor(np.log2(np.maximum(doc_pos, 1))).astype(int)
+    rows = []
+    for b in np.unique(bucket):
+        m = bucket == b
+        nb = max(int(nbytes[m].sum()), 1)
+        rows.append([int(b), 2 ** int(b), int(m.sum()), nll_neural[m].sum() / np.log(2) / nb, nll_cache[m].sum() / np.log(2) / nb])
+    return rows
+
+
+def csv_bytes(header: list[str], rows: list[list]) -> bytes:
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(header)
+    w.writerows([[f"{v:.6f}" if isinstance(v, float) else v for v in r] for r in rows])
+    return out.getvalue().encode()
+
+
+def git_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
+        # Only code and params count: DVC deletes this stage's own outputs before running it.
+        status = ["git", "status", "--porcelain", "--untracked-files=no", "--", "pgolf", "stages", "params.yaml", "dvc.yaml"]
+        dirty = subprocess.run(status, capture_output=True, text=True, timeout=10).stdout.strip()
+        return (rev + ("+changes" if dirty else "")) or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def plots(curve: np.ndarray, by_pos: list[list], quant: dict[str, dict]) -> dict[str, str]:
+    """The report's figures as SVG: training loss, BPB by position (neural vs cache), quantization error per tensor."""
+    return {
+        "train_curve.svg": svgplot.line_chart("Training loss", "step", "train loss (nats)", {"train_loss": (curve[:, 0].tolist(), curve[:, 1].tolist())}),
+        "bpb_by_position.svg": svgplot.line_chart(
+            "BPB by position in the document", "log2 of the position (bucket)", "bits per byte",
+            {"neural": ([r[0] for r in by_pos], [r[3] for r in by_pos]), "cache": ([r[0] for r in by_pos], [r[4] for r in by_pos])}),
+        "quant_error.svg": svgplot.bar_chart("Relative H-weighted quantization error per tensor", "h_error", {k: v["h_error"] for k, v in quant.items()}),
+    }
+
+
+def markdown(r: dict, rules: list[Rule], seconds: dict, p: dict, plots: list[str]) -> str:
+    """reports/report.md: results, rules, sizes, plots, and the params that produced them."""
+    rows = "\n".join(f"| {x.name} | {'pass' if x.passed else '**FAIL**'} | {x.detail} |" for x in rules)
+    secs = ", ".join(f"{k} {v}s" for k, v in seconds.items())
+    figures = "\n\n".join(f"![{name.removesuffix('.svg')}]({PLOTS.relative_to(REPORT.parent) / name})" for name in plots)
+    return f"""# pgolf run report
+
+Revision `{r['revision']}`. Every figure below was measured by the report stage or read from the stage that made it.
+
+## Results
+
+| | val_bpb |
+|---|---|
+| float checkpoint, non-overlapping {p['eval']['seq_len']} | {r['val_bpb_pre_quant']:.4f} |
+| packed artifact, non-overlapping {p['eval']['seq_len']} | {r['val_bpb_post_quant']:.4f} (quantization penalty {r['quant_penalty']:+.4f}) |
+| packed artifact, {r['scored_mode']} | {r['val_bpb_scored']:.4f} |
+| with the causal n-gram cache ({p['cache']['mix']}, orders 1..{p['cache']['max_order']}) | {r['val_bpb_cache']:.4f} (gain {r['cache_gain']:+.4f}) |
+
+{r['val_tokens']:,} validation targets, {r['val_bytes']:,} bytes.
+
+## Rules
+
+| rule | result | figure |
+|---|---|---|
+{rows}
+
+## Sizes
+
+| | bytes |
+|---|---|
+| artifact (weights + code) | {r['artifact_bytes']:,} |
+| weights (compressed) | {r['weight_bytes']:,} |
+| code | {r['code_bytes']:,} |
+| eval-time cache state | {r['state_bytes']:,} |
+
+## Plots
+
+{figures}
+
+## How it was produced
+
+`dvc repro` at revision `{r['revision']}`; seconds per stage: {secs}.
+
+```json
+{json.dumps({k: p[k] for k in ('seed', 'model', 'train', 'quant', 'pack', 'eval', 'cache', 'verify') if k in p}, indent=2)}
+```
+"""

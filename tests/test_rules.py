@@ -1,0 +1,56 @@
+"""The report's rule assembly and text, without running the stage."""
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pgolf import report, rules, shards
+from pgolf.audit import Rule, VerifyParams
+from pgolf.doc_records import hash_doc
+
+VP = VerifyParams(positions=8, audit_tokens=40, byte_limit=100, max_state_bytes=10, max_overhead=1.5, strict=True)
+
+
+def records(tokens: np.ndarray) -> rules.Records:
+    n = len(tokens) - 1
+    return rules.Records(tokens, 1, np.ones(n), np.ones(n, np.float32), np.ones(n, np.int32), np.full(n, 0.5))
+
+
+def test_audited_positions_cover_document_0_and_a_seeded_sample():
+    tokens = np.array([1, 5, 6, 7, 1] + [9] * 95, dtype=np.uint16)
+    positions, cut = rules.audited(records(tokens), VP)
+    assert set(range(1, 5)) <= set(positions) and positions.max() <= 40 and cut == 20
+    assert np.array_equal(positions, rules.audited(records(tokens), VP)[0])  # the same sample every time
+
+
+def test_budget_rules_hold_each_figure_to_its_limit():
+    passed = [r.passed for r in rules.budget_rules(100, 11, 1.0, VP)]
+    assert passed == [True, False, True]
+
+
+def test_data_rules_catch_validation_in_training_and_calibration(tmp_path):
+    val_doc, train_doc = np.array([1, 5, 6], np.uint16), np.array([1, 7, 8, 9], np.uint16)
+    index = pa.table({"split": ["val", "train", "train"], "hash": pa.array([hash_doc(val_doc), hash_doc(train_doc), hash_doc(val_doc)], pa.uint64())})
+    pq.write_table(index, tmp_path / "docs.parquet")
+    (tmp_path / "shards").mkdir()
+    shards.write_shard(tmp_path / "shards/fineweb_train_000000.bin", np.concatenate([val_doc, train_doc, [1]]))
+    tokens = np.concatenate([val_doc, [1]]).astype(np.uint16)
+    meta = {"calibration": {"split": "train", "first_tokens": 8}}
+    def check():
+        return rules.data_rules(tmp_path / "docs.parquet", meta, tmp_path / "shards", records(tokens), lambda ids: "ab", np.array([1, 1, 0]))
+
+    got = check()
+    assert [r.name for r in got] == ["val_not_in_train", "val_not_in_calibration", "bytes_are_utf8"]
+    assert [r.passed for r in got] == [False, False, True]
+    meta["calibration"]["split"] = "val"
+    assert "not train" in check()[1].detail
+
+
+def test_headline_and_markdown_carry_every_rule():
+    m = {"score": {"val_bpb": 2.0, "mode": "sliding-64"}, "rescore": {"val_bpb": 1.7, "gain": 0.3}}
+    checked = [Rule("a", True, 0.0, 1.0, "fine"), Rule("b", False, 2.0, 1.0, "broken")]
+    h = report.headline(2.1, 2.2, m, 900, 100, 5, 10, 30, checked)
+    assert h["artifact_bytes"] == 1000 and h["rules_passed"] == 1 and not h["passed"] and round(h["quant_penalty"], 6) == 0.1
+    assert "1/2 rules pass" in report.summary(h)
+    p = {"eval": {"seq_len": 8}, "cache": {"mix": "online", "max_order": 3}}
+    text = report.markdown(h, checked, {"report": 1.0}, p, ["x.svg"])
+    assert "| a | pass | fine |" in text and "| b | **FAIL** | broken |" in text and "![x](plots/x.svg)" in text
