@@ -15,15 +15,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 from bench.common import FINEWEB, REPO, save
 from bench.train import CACHE, comparison_data, comparison_params
 from pgolf import checkpoint, codes, params, quantize, shards, trainer
 from pgolf.bpb import ByteTables
-from pgolf.distributed import Dist
-from pgolf.evaluate import evaluate
-from pgolf.loader import TokenStream, validation_tokens
+from pgolf.runtime import CPU
+from pgolf.validation import evaluate
+from pgolf.loader import TokenStream
+from pgolf.validation import validation_tokens
 from pgolf.quantize import QuantBits, QuantParams
 
 
@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 5, 6])
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quant.json")
     args = ap.parse_args()
-    d = Dist(0, 1, torch.device("cpu"))
+    d = CPU
     cached = CACHE / "model_1337_300.safetensors"
     base_q = params.section(params.load(REPO / "params.yaml"), "quant", QuantParams)
     rows = []

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from bench.common import FINEWEB, REPO, save
 from bench.score import artifact_blob, ours
 from bench.train import comparison_data
-from pgolf import allocator, artifact, cache, codes, ngram, params, shards
+from pgolf import artifact, cache, codes, ngram, params, runtime, shards
 from pgolf.bpb import ByteTables, bits_per_byte
 from pgolf.cache import CacheParams
 from pgolf.score import EvalParams
@@ -74,11 +74,11 @@ def main() -> None:
     args = ap.parse_args()
     p = params.load(REPO / "params.yaml")
     ev, base = params.section(p, "eval", EvalParams), params.section(p, "cache", CacheParams)
-    allocator.keep_freed_memory()
+    runtime.keep_freed_memory()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         shards_dir = comparison_data(args.fineweb, tmp)
-        tokens = np.concatenate([shards.read_tokens(f) for f in shards.list_shards(shards_dir, "val")])
+        tokens = shards.split_tokens(shards_dir, "val")
         tables = ByteTables.from_sentencepiece(args.fineweb / "tokenizers" / "fineweb_1024_bpe.model", 1024)
         model = codes.model_from_tensors(*artifact.unpack(artifact_blob(shards_dir, tmp))).eval()
         ours(model, tokens, ev, tables, tmp / "score.parquet")

@@ -39,9 +39,9 @@ import torch
 
 from bench.common import FINEWEB, REPO, save
 from bench.train import CACHE, comparison_data, comparison_params
-from pgolf import allocator, artifact, checkpoint, pack, params, quantize, shards, trainer, windows
+from pgolf import artifact, checkpoint, pack, params, quantize, runtime, shards, trainer, windows
 from pgolf.bpb import ByteTables
-from pgolf.distributed import Dist
+from pgolf.runtime import CPU
 from pgolf.loader import TokenStream
 from pgolf.quantize import QuantParams
 from pgolf.score import EvalParams, write_records
@@ -52,7 +52,7 @@ SPEED_TARGETS = 262_144
 def artifact_blob(shards_dir: Path, tmp: Path) -> bytes:
     """The comparison model as the pipeline would submit it: GPTQ at the quant defaults, packed."""
     cached = CACHE / "model_1337_300.safetensors"
-    d = Dist(0, 1, torch.device("cpu"))
+    d = CPU
     if cached.is_file():
         model, _ = checkpoint.load_model(cached)
     else:
@@ -71,7 +71,7 @@ def ours(model, tokens: np.ndarray, ev: EvalParams, tables: ByteTables, out: Pat
     """(seconds, val_bpb, targets scored) of the score stage's path on `tokens`."""
     t = time.perf_counter()
     plan = windows.plan(tokens, ev.seq_len, ev.stride, ev.doc_isolated, bos_id=1)
-    totals = write_records(model, tokens, plan, ev.batch, tables, 1, Dist(0, 1, torch.device("cpu")), out)
+    totals = write_records(model, tokens, plan, ev.batch, tables, 1, CPU, out)
     return time.perf_counter() - t, totals.val_bpb, totals.tokens
 
 
@@ -96,7 +96,7 @@ def child(args) -> None:
     ev = params.section(params.load(REPO / "params.yaml"), "eval", EvalParams)
     model = artifact.load_model(args.artifact).eval()
     if args.child == "ours":
-        allocator.keep_freed_memory()  # as the score stage does on CPU
+        runtime.keep_freed_memory()  # as the score stage does on CPU
         batch = ev.batch
         with tempfile.TemporaryDirectory() as tmp:
             seconds, bpb, _ = ours(model, tokens, ev, tables, Path(tmp) / "records.parquet")
@@ -152,7 +152,7 @@ def main() -> None:
         shards_dir = comparison_data(args.fineweb, tmp)
         blob = tmp / "model.pgolf"
         blob.write_bytes(artifact_blob(shards_dir, tmp))
-        val = np.concatenate([shards.read_tokens(p) for p in shards.list_shards(shards_dir, "val")])
+        val = shards.split_tokens(shards_dir, "val")
         np.save(tmp / "head.npy", val[: SPEED_TARGETS + 1])
 
         sides = ("ours", "official") if args.official else ("ours",)
@@ -179,7 +179,7 @@ def main() -> None:
 
         modes = {}
         if not args.speed_only:
-            allocator.keep_freed_memory()
+            runtime.keep_freed_memory()
             model = artifact.load_model(blob).eval()
             for stride in (ev.seq_len, 64):
                 for isolated in (False, True):

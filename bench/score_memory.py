@@ -12,13 +12,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
 
 from bench.common import REPO, save
-from pgolf import allocator, artifact, shards, windows
+from pgolf import artifact, runtime, shards, windows
 from pgolf.bpb import ByteTables
-from pgolf.distributed import Dist
+from pgolf.runtime import CPU
 from pgolf.layout import SHARDS, TOKENIZER
 from pgolf.score import write_records
 
@@ -46,15 +44,15 @@ def main() -> None:
     ap.add_argument("--targets", type=int, default=20_000)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "score_memory.json")
     args = ap.parse_args()
-    allocator.keep_freed_memory()  # as the score stage does on CPU
+    runtime.keep_freed_memory()  # as the score stage does on CPU
     model = artifact.load_model(args.artifact).eval()
-    tokens = np.concatenate([shards.read_tokens(p) for p in shards.list_shards(REPO / SHARDS, "val")])[: args.targets + 1]
+    tokens = shards.split_tokens(REPO / SHARDS, "val")[: args.targets + 1]
     tables = ByteTables.from_sentencepiece(REPO / TOKENIZER, model.p.vocab_size)
     plan = windows.plan(tokens, 256, 1)
     sampler = Sampler(args.targets // 10)
     start = rss_mb()
     with tempfile.TemporaryDirectory() as tmp:
-        write_records(model, tokens, plan, 8, tables, 1, Dist(0, 1, torch.device("cpu")), Path(tmp) / "r.parquet", sampler)
+        write_records(model, tokens, plan, 8, tables, 1, CPU, Path(tmp) / "r.parquet", sampler)
     first, last = sampler.samples[0], sampler.samples[-1]
     growth = (last[2] - first[2]) / max(last[1] - first[1], 1e-9)
     print(f"resident memory {start:,.0f} MB at start, {first[2]:,.0f} -> {last[2]:,.0f} MB from {first[0]:,} to {last[0]:,} targets: {growth:+.1f} MB/s")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bench.common import FINEWEB, REPO, save
 from pgolf.dataset import export_docs
-from pgolf.docs import DocFile, DocReader
+from pgolf.documents import DocFile, DocReader
 
 
 def main() -> None:

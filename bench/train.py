@@ -22,10 +22,10 @@ from bench.common import FINEWEB, REPO, save
 from pgolf import checkpoint, params, trainer
 from pgolf.bpb import ByteTables
 from pgolf.dataset import export_docs
-from pgolf.distributed import Dist
-from pgolf.docs import DocFile, DocReader
-from pgolf.evaluate import evaluate
-from pgolf.loader import validation_tokens
+from pgolf.runtime import CPU
+from pgolf.documents import DocFile, DocReader
+from pgolf.validation import evaluate
+from pgolf.validation import validation_tokens
 from pgolf.model import ModelParams
 from pgolf.trainer import TrainParams
 
@@ -64,7 +64,7 @@ def main() -> None:
 
     model_p, train_p = comparison_params(args.steps)
     model_file = args.fineweb / "tokenizers" / "fineweb_1024_bpe.model"
-    d = Dist(0, 1, torch.device("cpu"))
+    d = CPU
     results = {"machine": {"cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()},
                "setup": {"model": SHAPE, "seq_len": 256, "batch_tokens": 8192, "steps": args.steps, "warmdown": 60}, "runs": []}
     with tempfile.TemporaryDirectory() as tmp:

@@ -19,7 +19,7 @@ from pgolf import shards, tokenizer
 from pgolf.bpb import ByteTables
 from pgolf.doc_index import DocIndexWriter
 from pgolf.doc_records import doc_records
-from pgolf.docs import DocReader
+from pgolf.documents import DocReader
 from pgolf.encode import batched, encode_batches
 from pgolf.errors import InputError
 from pgolf.files import sha256_file

@@ -53,17 +53,3 @@ class TrainLoader:
         local = torch.from_numpy(chunk.astype(np.int64))
         x, y = local[:-1].reshape(-1, seq_len), local[1:].reshape(-1, seq_len)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
-
-def validation_tokens(shards_dir: Path, seq_len: int, max_tokens: int = 0) -> np.ndarray:
-    """The validation stream cut to whole sequences (+1 for the last target); max_tokens > 0 keeps that many."""
-    paths = shards.list_shards(shards_dir, "val")
-    if not paths:
-        raise InputError(f"{shards_dir}: no validation shards")
-    tokens = np.concatenate([shards.read_tokens(p) for p in paths])
-    if max_tokens:
-        tokens = tokens[: max_tokens + 1]
-    usable = (len(tokens) - 1) // seq_len * seq_len
-    if usable <= 0:
-        raise InputError(f"{shards_dir}: the validation split is shorter than one sequence of {seq_len} tokens")
-    return tokens[: usable + 1]

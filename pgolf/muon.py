@@ -9,11 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-
-def ns_dtype(device: torch.device) -> torch.dtype:
-    # bf16 as in the baseline on GPUs. float32 on CPUs, for exactness, not speed: bf16 speed there depends on the
-    # processor (bench/newton_schulz.py: 0.5-0.8x the float32 time on an AMD EPYC with avx512_bf16; +30% elsewhere).
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+from pgolf.runtime import ns_dtype
 
 
 def zeropower_via_newtonschulz5(g: Tensor, steps: int, eps: float = 1e-7) -> Tensor:

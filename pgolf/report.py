@@ -9,12 +9,11 @@ import json
 import subprocess
 
 import numpy as np
-import torch
 
 from pgolf import svgplot, windows
 from pgolf.audit import Rule
 from pgolf.bpb import ByteTables
-from pgolf.distributed import Dist
+from pgolf.runtime import CPU
 from pgolf.layout import PLOTS, REPORT
 from pgolf.model import GPT
 from pgolf.progress import Progress
@@ -25,7 +24,7 @@ def non_overlapping_bpb(model: GPT, tokens: np.ndarray, ev: EvalParams, tables: 
     """val_bpb with non-overlapping windows of eval.seq_len, every target once: the headline's common basis."""
     plan = windows.plan(tokens, ev.seq_len, ev.seq_len, False, bos)
     progress = Progress(f"report: {what}, non-overlapping", len(tokens) - 1, "tokens")
-    bpb = write_records(model, tokens, plan, ev.batch, tables, bos, Dist(0, 1, torch.device("cpu")), None, progress).val_bpb
+    bpb = write_records(model, tokens, plan, ev.batch, tables, bos, CPU, None, progress).val_bpb
     progress.done(f"val_bpb {bpb:.4f}")
     return bpb
 

@@ -75,6 +75,14 @@ def list_shards(folder: Path, split: str) -> list[Path]:
     return paths
 
 
+def split_tokens(folder: Path, split: str) -> np.ndarray:
+    """Every token of one split, in order, as one array; refuses a split with no shards."""
+    paths = list_shards(folder, split)
+    if not paths:
+        raise InputError(f"{folder}: no {split} shards (fineweb_{split}_*.bin)")
+    return np.concatenate([read_tokens(p) for p in paths])
+
+
 def fingerprint(folder: Path, split: str, edge: int = 1 << 16) -> str:
     """A cheap identity of a split's shards: names, sizes and their first and last `edge` bytes.
 

@@ -18,9 +18,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pgolf import checkpoint, shards
-from pgolf.distributed import Dist, all_reduce
+from pgolf.runtime import Dist, all_reduce
 from pgolf.errors import InputError, TrainingDiverged
-from pgolf.evaluate import autocast
+from pgolf.runtime import autocast
 from pgolf.loader import TrainLoader
 from pgolf.model import GPT
 from pgolf.muon import Muon

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from pgolf import checkpoint, distributed, params, quantize, shards
+from pgolf import checkpoint, params, quantize, runtime, shards
 from pgolf.stage import run_stage
 from pgolf.files import staged, write_json
 from pgolf.layout import CHECKPOINT, DETAILS, METRICS, QUANTIZED, SHARDS
@@ -17,9 +17,9 @@ from pgolf.progress import Progress
 
 
 def main() -> None:
-    distributed.relaunch_under_torchrun("stages.calibrate")
+    runtime.relaunch_under_torchrun("stages.calibrate")
     q = params.section(params.load(), "quant", QuantParams)
-    d = distributed.setup()
+    d = runtime.setup()
     try:
         model, _ = checkpoint.load_model(CHECKPOINT)
         model.to(d.device).eval()
@@ -34,7 +34,7 @@ def main() -> None:
         tensors, meta = quantize.quantize_model(model, hessians, q)
         seconds = time.perf_counter() - t
     finally:
-        distributed.teardown()
+        runtime.teardown()
     if not d.main:
         return
     meta["calibration"] = {"split": "train", "first_tokens": n_tokens + 1, "seqs": q.calib_seqs, "seq_len": q.seq_len}

@@ -45,7 +45,7 @@ def main() -> None:
     need(SCORES, RESCORES, ARTIFACT, CHECKPOINT, DOC_INDEX, QUANTIZED)
     steps = Progress("report", 7, "steps", every=0)
     sp = tokenizer.load(TOKENIZER)
-    tokens = np.concatenate([shards.read_tokens(f) for f in shards.list_shards(SHARDS, "val")])
+    tokens = shards.split_tokens(SHARDS, "val")
     rec, res = pq.read_table(SCORES), pq.read_table(RESCORES)
     r = rules.Records(tokens, sp.bos_id(), rec.column("nll").to_numpy().astype(np.float64), rec.column("entropy").to_numpy(),
                       rec.column("context").to_numpy(), res.column("prob").to_numpy())

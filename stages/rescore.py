@@ -35,7 +35,7 @@ def main() -> None:
         raise InputError(f"{SCORES}: no pass-1 records (run the score stage)")
     rec = pq.read_table(SCORES, columns=["position", "target", "nll", "entropy", "bytes"])
     vocab = int((rec.schema.metadata or {}).get(b"vocab_size", 0))
-    tokens = np.concatenate([shards.read_tokens(p) for p in shards.list_shards(SHARDS, "val")])
+    tokens = shards.split_tokens(SHARDS, "val")
     position = rec.column("position").to_numpy()
     if len(position) != len(tokens) - 1 or not np.array_equal(position, np.arange(1, len(tokens))):
         raise InputError(f"{SCORES}: records do not cover targets 1..{len(tokens) - 1} of {SHARDS} once each, in order")

@@ -6,9 +6,8 @@ uses, never from the training checkpoint: what is scored is what would be submit
 """
 import contextlib
 
-import numpy as np
 
-from pgolf import allocator, artifact, distributed, params, shards, tokenizer, windows
+from pgolf import artifact, params, runtime, shards, tokenizer, windows
 from pgolf.bpb import ByteTables
 from pgolf.errors import InputError
 from pgolf.stage import run_stage
@@ -20,24 +19,21 @@ from pgolf.score import write_records
 
 
 def main() -> None:
-    distributed.relaunch_under_torchrun("stages.score")
+    runtime.relaunch_under_torchrun("stages.score")
     ev = params.section(params.load(), "eval", EvalParams)
     model = artifact.load_model(ARTIFACT)
     sp = tokenizer.load(TOKENIZER)
     if sp.vocab_size() > model.p.vocab_size:
         raise InputError(f"{ARTIFACT}: the model has {model.p.vocab_size} tokens but {TOKENIZER} has {sp.vocab_size()}")
-    paths = shards.list_shards(SHARDS, "val")
-    if not paths:
-        raise InputError(f"{SHARDS}: no validation shards")
-    tokens = np.concatenate([shards.read_tokens(p) for p in paths])
+    tokens = shards.split_tokens(SHARDS, "val")
     if len(tokens) < 2:
         raise InputError(f"{SHARDS}: the validation split has fewer than two tokens")
     tables = ByteTables.from_sentencepiece(sp, model.p.vocab_size)
     plan = windows.plan(tokens, ev.seq_len, ev.stride, ev.doc_isolated, sp.bos_id())
     docs = len(windows.doc_starts(tokens, sp.bos_id()))
-    d = distributed.setup()
+    d = runtime.setup()
     if d.device.type == "cpu":
-        allocator.keep_freed_memory()
+        runtime.keep_freed_memory()
     try:
         model.to(d.device)
         if d.main:
@@ -65,7 +61,7 @@ def main() -> None:
                     "device": d.device.type,
                 })
     finally:
-        distributed.teardown()
+        runtime.teardown()
 
 
 if __name__ == "__main__":

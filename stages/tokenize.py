@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pgolf import builtin_corpus, docs, params, shards, tokenizer
+from pgolf import builtin_corpus, documents, params, shards, tokenizer
 from pgolf.dataset import export_docs, import_shards
 from pgolf.doc_index import read_hashes
 from pgolf.errors import InputError
@@ -36,11 +36,11 @@ def from_docs(data: DataParams, tok: TokenizerParams, model: Path, shards_dir: P
         if data.source == "builtin":
             corpus = Path(scratch) / "builtin.jsonl"
             source = {"kind": "builtin", "builtin": builtin_corpus.write_jsonl(corpus)}
-            files = [docs.DocFile(corpus, "jsonl")]
+            files = [documents.DocFile(corpus, "jsonl")]
         else:
-            files = docs.resolve(data.docs, Path(data.download_dir))
+            files = documents.resolve(data.docs, Path(data.download_dir))
             source = {"kind": "docs", "files": [str(f.path) for f in files]}
-        reader = docs.DocReader(files)
+        reader = documents.DocReader(files)
         if tok.model is None:
             skip = 0 if tok.train_on_val else data.val_docs  # never the validation documents unless asked
             texts = itertools.islice(reader, skip, None if tok.train_docs is None else skip + tok.train_docs)

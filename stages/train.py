@@ -9,20 +9,20 @@ import csv
 import io
 import time
 
-from pgolf import checkpoint, distributed, params, shards, tokenizer, trainer
+from pgolf import checkpoint, params, runtime, shards, tokenizer, trainer
 from pgolf.bpb import ByteTables
 from pgolf.errors import InputError
-from pgolf.evaluate import evaluate
+from pgolf.validation import evaluate
 from pgolf.stage import run_stage
 from pgolf.files import sha256_file, staged, write_bytes, write_json
 from pgolf.layout import CHECKPOINT, METRICS, SHARDS, TOKENIZER, TRAIN_RUN
-from pgolf.loader import validation_tokens
+from pgolf.validation import validation_tokens
 from pgolf.model import ModelParams
 from pgolf.trainer import TrainParams
 
 
 def main() -> None:
-    distributed.relaunch_under_torchrun("stages.train")
+    runtime.relaunch_under_torchrun("stages.train")
     p = params.load()
     model_p = params.section(p, "model", ModelParams)
     train_p = params.section(p, "train", TrainParams)
@@ -32,7 +32,7 @@ def main() -> None:
     vocab = tokenizer.load(TOKENIZER).vocab_size()
     if vocab > model_p.vocab_size:
         raise InputError(f"params.yaml: model.vocab_size is {model_p.vocab_size} but {TOKENIZER} has {vocab} tokens")
-    d = distributed.setup()
+    d = runtime.setup()
     try:
         model = trainer.build(model_p, seed, d.device)
         n_params = sum(t.numel() for t in model.parameters())
@@ -45,7 +45,7 @@ def main() -> None:
         val_loss, val_bpb = evaluate(model, val, train_p.seq_len, train_p.val_batch_seqs, tables, d)
         eval_s = time.perf_counter() - t
     finally:
-        distributed.teardown()
+        runtime.teardown()
     if not d.main:
         return
     meta = {"step": run.step, "seed": seed, "val_bpb": val_bpb, "tokenizer_sha256": sha256_file(TOKENIZER)}

@@ -7,7 +7,7 @@ import sentencepiece as spm
 
 from pgolf import shards
 from pgolf.dataset import export_docs, export_reference
-from pgolf.docs import DocFile, DocReader
+from pgolf.documents import DocFile, DocReader
 from pgolf.encode import batched, encode_batches
 from conftest import read_jsonl_texts, write_jsonl
 

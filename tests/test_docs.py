@@ -3,7 +3,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pgolf.docs import DocReader, resolve
+from pgolf.documents import DocReader, resolve
 from pgolf.errors import InputError
 from conftest import write_jsonl
 

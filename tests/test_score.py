@@ -10,8 +10,8 @@ import torch
 from conftest import TINY_MODEL, default_params, make_data, run_stage
 from pgolf import artifact, pack, quantize, windows
 from pgolf.bpb import ByteTables
-from pgolf.distributed import Dist
-from pgolf.evaluate import evaluate
+from pgolf.runtime import CPU
+from pgolf.validation import evaluate
 from pgolf.model import GPT
 from pgolf.model import ModelParams
 from pgolf.quantize import QuantBits, QuantParams
@@ -19,7 +19,6 @@ from pgolf.score import EvalParams
 from pgolf.score import score_reference, score_stream, write_records
 
 BOS = 1
-CPU = Dist(0, 1, torch.device("cpu"))
 # (seq_len, stride, targets): tails of every size, a stream shorter than a window, stride 1 and = seq_len
 COMBOS = [(16, 4, 61), (16, 16, 61), (16, 16, 64), (20, 7, 45), (32, 5, 20), (8, 1, 30), (12, 5, 12), (12, 12, 13), (6, 4, 1)]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pgolf import checkpoint, params, trainer
-from pgolf.distributed import Dist
+from pgolf.runtime import CPU
 from pgolf.errors import InputError, TrainingDiverged
 from pgolf.model import GPT
 from pgolf.model import ModelParams
@@ -60,7 +60,7 @@ def test_same_seed_same_checkpoint(tmp_path, fineweb):
 
 def _setup(data, **train):
     p = tiny_params(**train)
-    return params.section(p, "model", ModelParams), params.section(p, "train", TrainParams), Dist(0, 1, torch.device("cpu"))
+    return params.section(p, "model", ModelParams), params.section(p, "train", TrainParams), CPU
 
 
 def test_resume_continues_an_interrupted_run_exactly(data):

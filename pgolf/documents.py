@@ -1,4 +1,5 @@
-"""Document sources: JSON lines with a "text" field, parquet with a "text" column, plain text files.
+"""Document sources: JSON lines with a "text" field, parquet with a "text" column, plain text files, and
+URLs of them (fetched once into a local cache; only when a param names one: the default never downloads).
 
 Every document is checked on the way in: valid UTF-8 (no lone surrogates either), a string "text".
 Errors name the file and, where there is one, the line or row.
@@ -6,7 +7,10 @@ Errors name the file and, where there is one, the line or row.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
+import os
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -15,8 +19,9 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pgolf.download import fetch
 from pgolf.errors import InputError
+from pgolf.files import staged
+from pgolf.progress import Progress
 
 KINDS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "text", ".md": "text"}
 PARQUET_BATCH = 1024
@@ -142,3 +147,33 @@ def _read_text(path: Path, reader: DocReader) -> Iterator[str]:
 
 
 _READERS = {"jsonl": _read_jsonl, "parquet": _read_parquet, "text": _read_text}
+
+
+# Fetching a document file named by URL (e.g. the challenge's docs_selected.jsonl).
+
+CHUNK = 1 << 20
+
+
+def fetch(url: str, cache_dir: Path) -> Path:
+    """Download `url` once into cache_dir (keyed by the URL) and return the local path."""
+    name = os.path.basename(urlparse(url).path) or "download"
+    key = hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]
+    dest = Path(cache_dir) / key / name
+    if dest.is_file():
+        return dest
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, staged(dest) as (tmp,):
+            total = int(response.headers.get("Content-Length") or 0)
+            progress = Progress(f"download {name}", total=total, unit="B")
+            with open(tmp, "wb") as f:
+                while chunk := response.read(CHUNK):
+                    f.write(chunk)
+                    progress.update(len(chunk))
+            if total and tmp.stat().st_size != total:
+                raise InputError(f"{url}: download ended early ({tmp.stat().st_size} of {total} bytes)")
+            progress.done()
+    except OSError as exc:  # URLError is an OSError
+        raise InputError(f"{url}: download failed ({exc})") from None
+    return dest
+
+

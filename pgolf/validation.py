@@ -1,21 +1,30 @@
-"""Validation loss and bits per byte over non-overlapping windows, as the official trainer computes them."""
+"""The trainer's validation, as the official train_gpt.py computes it: the validation stream cut into
+non-overlapping windows of the training length, loss and bits per byte. (The score stage's sliding
+windows, which score every target once with more context, are pgolf/score.py.)
+"""
 from __future__ import annotations
 
-import contextlib
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from pgolf import shards
 from pgolf.bpb import ByteTables
-from pgolf.distributed import Dist, all_reduce
+from pgolf.errors import InputError
+from pgolf.runtime import Dist, all_reduce, autocast
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; plain float32 elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def validation_tokens(shards_dir: Path, seq_len: int, max_tokens: int = 0) -> np.ndarray:
+    """The validation stream cut to whole sequences (+1 for the last target); max_tokens > 0 keeps that many."""
+    tokens = shards.split_tokens(shards_dir, "val")
+    if max_tokens:
+        tokens = tokens[: max_tokens + 1]
+    usable = (len(tokens) - 1) // seq_len * seq_len
+    if usable <= 0:
+        raise InputError(f"{shards_dir}: the validation split is shorter than one sequence of {seq_len} tokens")
+    return tokens[: usable + 1]
 
 
 @torch.no_grad()

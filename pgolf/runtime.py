@@ -1,6 +1,11 @@
-"""Process group set-up from torchrun's environment: NCCL on GPUs, gloo on CPU; 1 process needs none."""
+"""Where and how code runs: the device, the processes (torchrun, NCCL on GPUs, gloo on CPU), the precision
+(bf16 autocast and Newton-Schulz on CUDA, float32 on CPU) and the CPU allocator.
+"""
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import os
 import subprocess
 import sys
@@ -23,6 +28,9 @@ class Dist:
     @property
     def distributed(self) -> bool:
         return self.world > 1
+
+
+CPU = Dist(0, 1, torch.device("cpu"))  # one process on the CPU: the report, the benchmarks, the tests
 
 
 def setup() -> Dist:
@@ -63,3 +71,36 @@ def relaunch_under_torchrun(module: str) -> None:
             launcher.wait()
             raise
         sys.exit(code)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; plain float32 elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def ns_dtype(device: torch.device) -> torch.dtype:
+    # bf16 as in the baseline on GPUs. float32 on CPUs, for exactness, not speed: bf16 speed there depends on the
+    # processor (bench/newton_schulz.py: 0.5-0.8x the float32 time on an AMD EPYC with avx512_bf16; +30% elsewhere).
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameter numbers from glibc's malloc.h
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to reuse freed CPU memory instead of returning it; False where that is not glibc.
+
+    glibc serves allocations over its mmap threshold (at most 32 MB) with fresh mappings and unmaps them
+    on free, so a batch whose activations exceed it pays a page fault per 4 KiB page on every op (measured
+    here: 2.3 GB/s for an elementwise multiply of 33 MB tensors). PyTorch's CPU tuning guide swaps in
+    jemalloc or tcmalloc for the same reason; this does it without a dependency, and changes no result.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
