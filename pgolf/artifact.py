@@ -25,7 +25,7 @@ MAX_HEADER = 1 << 20  # bytes of JSON header
 BYTE_LIMIT = 16_000_000  # the challenge's cap on an artifact, code included
 MAX_PARAMS = 8 * BYTE_LIMIT  # a parameter takes at least one bit of a submission
 MAX_PAYLOAD = 4 * MAX_PARAMS  # bytes of decompressed payload: every parameter in float32
-MAX_FILE = 16 * BYTE_LIMIT  # bytes of artifact file read at all
+MAX_FILE = 16 * BYTE_LIMIT  # bytes of file read at all
 DTYPES = {"int8": (torch.int8, np.int8), "float16": (torch.float16, np.float16), "float32": (torch.float32, np.float32)}
 
 
@@ -121,7 +121,7 @@ def _decode(blob: bytes, header: dict, start: int, where: str) -> dict[str, torc
     try:
         payload = zstandard.ZstdDecompressor().decompress(blob[start:-32], max_output_size=size, allow_extra_data=False)
     except zstandard.ZstdError as exc:
-        raise InputError(f"{where}: payload does not decompress to its {size} bytes ({exc})") from None
+        raise InputError(f"{where}: payload does not decompress ({exc})") from None
     if len(payload) != size:
         raise InputError(f"{where}: payload is {len(payload)} bytes, header says {size}")
     return {e["name"]: decode(payload[e["offset"] : e["offset"] + e["length"]], e["filter"], e["dtype"], e["shape"], e["bits"]) for e in header["tensors"]}

@@ -12,6 +12,8 @@ the blocked implementation and the column-by-column reference give the same code
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -37,25 +39,29 @@ def h_error(err: Tensor, H: Tensor | None) -> Tensor:
     return ((err @ H) * err).sum(1)
 
 
-def row_scales(w: Tensor, bits: int, H: Tensor | None = None) -> Tensor:
-    """Per-row scales (float16-representable) minimising the H-weighted RTN error over CLIP_GRID."""
-    w = w.double()
-    H = None if H is None else H.double()
-    amax = w.abs().amax(1).clamp_min(1e-8)
+def clip_search(W: Tensor, H: Tensor | None, bits: int, quantize: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+    """Per row, the clip ratio of CLIP_GRID whose codes have the smallest H-weighted error of W (float64).
+
+    quantize(scale) gives the codes [rows, cols] for per-row scales (float16-representable); rows are
+    independent given H, so each keeps its own best ratio. Returns (int8 codes, float16 scales).
+    """
+    amax = W.abs().amax(1).clamp_min(1e-8)
     best_err = torch.full_like(amax, float("inf"))
-    best = torch.zeros_like(amax)
+    codes, scales = torch.zeros_like(W), torch.zeros_like(amax)
     for ratio in CLIP_GRID:
         scale = (ratio * amax / qmax(bits)).half().double().clamp_min(torch.finfo(torch.float16).tiny)
-        err = h_error(w - codes_for(w, scale, bits) * scale[:, None], H)
+        Q = quantize(scale)
+        err = h_error(W - Q * scale[:, None], H)
         better = err < best_err
-        best_err, best = torch.where(better, err, best_err), torch.where(better, scale, best)
-    return best
+        best_err = torch.where(better, err, best_err)
+        codes[better], scales[better] = Q[better], scale[better]
+    return codes.to(torch.int8), scales.half()
 
 
 def rtn(w: Tensor, bits: int, H: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Round to nearest with the same scales GPTQ would use: (int8 codes, float16 scales)."""
-    scale = row_scales(w, bits, H)
-    return codes_for(w.double(), scale, bits).to(torch.int8), scale.half()
+    """Round to nearest with the clip search GPTQ uses: (int8 codes, float16 scales)."""
+    W = w.double()
+    return clip_search(W, None if H is None else H.double(), bits, lambda scale: codes_for(W, scale, bits))
 
 
 def _prepare(w: Tensor, H: Tensor, damp: float, act_order: bool):
@@ -95,21 +101,9 @@ def _sweep_reference(W: Tensor, Hinv: Tensor, scale: Tensor, bits: int, block_si
 
 
 def _gptq(w: Tensor, H: Tensor, bits: int, damp: float, block_size: int, act_order: bool, sweep) -> tuple[Tensor, Tensor]:
-    # Rows are quantized independently (they share only H), so the clip ratio can be chosen per row
-    # by running the sweep once per ratio and keeping, row by row, the smallest output error.
+    # The sweep runs once per clip ratio; each row keeps the ratio with its smallest output error.
     W, perm, Hinv = _prepare(w, H, damp, act_order)
-    H = H.double()
-    amax = W.abs().amax(1).clamp_min(1e-8)
-    best_err = torch.full_like(amax, float("inf"))
-    codes, scales = torch.zeros_like(W), torch.zeros_like(amax)
-    for ratio in CLIP_GRID:
-        scale = (ratio * amax / qmax(bits)).half().double().clamp_min(torch.finfo(torch.float16).tiny)
-        Q = sweep(W[:, perm].clone(), Hinv, scale, bits, block_size)[:, torch.argsort(perm)]
-        err = h_error(W - Q * scale[:, None], H)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        codes[better], scales[better] = Q[better], scale[better]
-    return codes.to(torch.int8), scales.half()
+    return clip_search(W, H.double(), bits, lambda scale: sweep(W[:, perm].clone(), Hinv, scale, bits, block_size)[:, torch.argsort(perm)])
 
 
 def gptq(w: Tensor, H: Tensor, bits: int, damp: float = 0.01, block_size: int = 128, act_order: bool = True) -> tuple[Tensor, Tensor]:
@@ -136,18 +130,13 @@ def gptq_rows(w: Tensor, H: Tensor, bits: int, damp: float = 0.01) -> tuple[Tens
     mean = torch.diagonal(Hd, dim1=1, dim2=2).mean(1)
     Hd += (damp * mean)[:, None, None] * torch.eye(H.size(1), dtype=Hd.dtype)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
-    amax = W.abs().amax(1).clamp_min(1e-8)
-    best_err = torch.full_like(amax, float("inf"))
-    codes, scales = torch.zeros_like(W), torch.zeros_like(amax)
-    for ratio in CLIP_GRID:
-        scale = (ratio * amax / qmax(bits)).half().double().clamp_min(torch.finfo(torch.float16).tiny)
+
+    def sweep(scale: Tensor) -> Tensor:
         Wc, Q = W.clone(), torch.zeros_like(W)
         for j in range(W.size(1)):
             Q[:, j] = codes_for(Wc[:, j], scale, bits)
             err = (Wc[:, j] - Q[:, j] * scale) / Hinv[:, j, j]
             Wc[:, j + 1 :] -= err[:, None] * Hinv[:, j, j + 1 :]
-        err = h_error(W - Q * scale[:, None], H)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        codes[better], scales[better] = Q[better], scale[better]
-    return codes.to(torch.int8), scales.half()
+        return Q
+
+    return clip_search(W, H, bits, sweep)

@@ -43,9 +43,6 @@ class ModelParams:
             raise InputError("params.yaml: model.logit_softcap and model.rope_base must be positive, model.tied_embed_init_std >= 0")
 
 
-# Small control tensors: optimized with Adam, kept in float32, left unquantized by the baseline.
-CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights")
-
 
 class CastedLinear(nn.Linear):
     """Float32 weights, cast to the activation dtype at matmul time (bf16 under autocast)."""
@@ -171,15 +168,3 @@ class GPT(nn.Module):
         """Mean next-token cross-entropy (nats), computed in float32."""
         logits = self.logits(idx)
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
-
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """The baseline's optimizer split: Muon for block matrices, Adam for the rest."""
-        named = list(self.blocks.named_parameters())
-        control = lambda name, p: p.ndim < 2 or any(c in name for c in CONTROL_PATTERNS)  # noqa: E731
-        groups = {
-            "matrix": [p for n, p in named if not control(n, p)],
-            "scalar": [p for n, p in named if control(n, p)] + ([self.skip_weights] if self.skip_weights.numel() else []),
-            "embed": [self.tok_emb.weight],
-            "head": [] if self.lm_head is None else [self.lm_head.weight],
-        }
-        return groups

@@ -96,9 +96,25 @@ def build(p: ModelParams, seed: int, device: torch.device) -> GPT:
     return GPT(p).to(device)
 
 
+# Small control tensors: optimized with Adam, kept in float32 (and left unquantized by the baseline).
+CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights")
+
+
+def param_groups(model: GPT) -> dict[str, list[torch.nn.Parameter]]:
+    """The baseline's optimizer split: Muon for block matrices, Adam for the rest."""
+    named = list(model.blocks.named_parameters())
+    control = lambda name, p: p.ndim < 2 or any(c in name for c in CONTROL_PATTERNS)  # noqa: E731
+    return {
+        "matrix": [p for n, p in named if not control(n, p)],
+        "scalar": [p for n, p in named if control(n, p)] + ([model.skip_weights] if model.skip_weights.numel() else []),
+        "embed": [model.tok_emb.weight],
+        "head": [] if model.lm_head is None else [model.lm_head.weight],
+    }
+
+
 def optimizers(model: GPT, t: TrainParams, device: torch.device) -> list[torch.optim.Optimizer]:
     """The baseline's split: Adam for the embedding (and untied head) and scalars, Muon for block matrices."""
-    groups = model.param_groups()
+    groups = param_groups(model)
     fused = device.type == "cuda"
 
     def adam(params: list, lr: float) -> torch.optim.Adam:

@@ -68,12 +68,19 @@ TINY_TRAIN = dict(
 )
 
 
-def tiny_params(**train) -> dict:
-    """Default params with a tiny model and a few short steps: seconds on a CPU."""
-    p = default_params()
+def tiny_params(p: dict | None = None, **train) -> dict:
+    """Params (the defaults unless given) with a tiny model and a few short steps: seconds on a CPU."""
+    p = default_params() if p is None else p
     p["model"].update(TINY_MODEL)
     p["train"].update(TINY_TRAIN, **train)
     return p
+
+
+def run_stages(root: Path, params: dict, *stages: str) -> None:
+    """A tiny pipeline: run the stages in order in root, each of which must succeed."""
+    for stage in stages:
+        result = run_stage(stage, root, params)
+        assert result.returncode == 0, f"{stage}: {result.stderr}"
 
 
 def make_data(root: Path, fineweb: Path) -> Path:

@@ -9,7 +9,7 @@ import zstandard
 
 from pgolf import artifact, checkpoint, codes, pack
 from pgolf.errors import InputError
-from conftest import REPO, make_data, run_stage, tiny_params
+from conftest import REPO, make_data, run_stage, run_stages, tiny_params
 
 
 def sample_tensors():
@@ -78,9 +78,7 @@ def packed(tmp_path_factory, fineweb):
     root = make_data(tmp_path_factory.mktemp("pack"), fineweb)
     p = tiny_params()
     p["quant"].update(calib_seqs=8, seq_len=32, bits={"attn": 5, "mlp": 4, "embed": 6})
-    for stage in ("train", "calibrate", "pack"):
-        result = run_stage(stage, root, p)
-        assert result.returncode == 0, result.stderr
+    run_stages(root, p, "train", "calibrate", "pack")
     return root, p
 
 
@@ -95,6 +93,7 @@ def test_pack_stage_round_trips_the_calibrated_tensors(packed):
     assert m["total_bytes"] == m["weight_bytes"] + m["code_bytes"] == (root / "artifacts/model.pgolf").stat().st_size + m["code_bytes"]
     code_files = json.loads((root / "reports/details/pack.json").read_text())["code_files"]
     assert set(code_files) == {"pgolf/artifact.py", "pgolf/codes.py", "pgolf/errors.py", "pgolf/model.py"}  # a self-contained loader
+    assert m["code_bytes"] <= 20_000  # the loader and the model, little else
     assert m["code_bytes"] == sum(len((REPO / f).read_bytes()) for f in code_files)
 
 

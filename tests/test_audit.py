@@ -5,7 +5,7 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 
-from conftest import run_stage, shards_params
+from conftest import run_stage, run_stages, shards_params, tiny_params
 from pgolf import audit, cache, shards, tokenizer, windows
 from pgolf.bpb import ByteTables
 from pgolf.cache import CacheParams
@@ -155,17 +155,12 @@ def test_budgets_and_overlap_rules():
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, fineweb):
-    p = shards_params(fineweb, tmp_path_factory.mktemp("src"), 6000, 40000)
+    p = tiny_params(shards_params(fineweb, tmp_path_factory.mktemp("src"), 6000, 40000))
     root = tmp_path_factory.mktemp("run")
-    p["model"].update(layers=2, dim=32, heads=2, kv_heads=1, mlp_mult=2)
-    p["train"].update(seq_len=32, batch_tokens=512, grad_accum=4, iterations=4, warmdown_iters=2, val_tokens=2048, val_batch_seqs=16,
-                      log_every=1, checkpoint_every=0)
     p["quant"].update(calib_seqs=8, seq_len=32)
     p["eval"].update(seq_len=64, stride=16, batch=32)
     p["verify"].update(positions=16)
-    for stage in ("tokenize", "train", "calibrate", "pack", "score", "rescore"):
-        result = run_stage(stage, root, p)
-        assert result.returncode == 0, f"{stage}: {result.stderr}"
+    run_stages(root, p, "tokenize", "train", "calibrate", "pack", "score", "rescore")
     return root, p
 
 

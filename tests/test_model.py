@@ -2,7 +2,7 @@ import dataclasses
 
 import torch
 
-from pgolf import params
+from pgolf import params, trainer
 from pgolf.model import GPT
 from pgolf.model import ModelParams
 from conftest import TINY_MODEL, default_params
@@ -40,7 +40,7 @@ def test_logits_are_causal_and_soft_capped():
 
 def test_optimizer_groups_cover_every_parameter_once():
     model = GPT(model_params(**TINY_MODEL))
-    groups = model.param_groups()
+    groups = trainer.param_groups(model)
     ids = [id(p) for g in groups.values() for p in g]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
     assert all(p.ndim == 2 for p in groups["matrix"]) and len(groups["matrix"]) == 6 * TINY_MODEL["layers"]
