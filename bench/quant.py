@@ -21,9 +21,8 @@ from bench.train import CACHE, comparison_data, comparison_params
 from pgolf import checkpoint, codes, params, quantize, shards, trainer
 from pgolf.bpb import ByteTables
 from pgolf.runtime import CPU
-from pgolf.validation import evaluate
+from pgolf.validation import evaluate, validation_tokens
 from pgolf.loader import TokenStream
-from pgolf.validation import validation_tokens
 from pgolf.quantize import QuantBits, QuantParams
 
 

@@ -24,8 +24,7 @@ from pgolf.bpb import ByteTables
 from pgolf.dataset import export_docs
 from pgolf.runtime import CPU
 from pgolf.documents import DocFile, DocReader
-from pgolf.validation import evaluate
-from pgolf.validation import validation_tokens
+from pgolf.validation import evaluate, validation_tokens
 from pgolf.model import ModelParams
 from pgolf.trainer import TrainParams
 

@@ -15,8 +15,7 @@ from safetensors.torch import load_file, save_file, safe_open
 
 from pgolf.errors import InputError
 from pgolf.files import staged
-from pgolf.model import GPT
-from pgolf.model import ModelParams
+from pgolf.model import GPT, ModelParams
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:

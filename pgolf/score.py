@@ -22,8 +22,7 @@ import torch.nn.functional as F
 
 from pgolf.errors import InputError
 from pgolf.bpb import ByteTables, bits_per_byte
-from pgolf.runtime import Dist
-from pgolf.runtime import autocast
+from pgolf.runtime import Dist, autocast
 from pgolf.model import GPT
 from pgolf.progress import Progress
 from pgolf.windows import Windows, doc_of, doc_starts

@@ -18,13 +18,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pgolf import checkpoint, shards
-from pgolf.runtime import Dist, all_reduce
+from pgolf.runtime import Dist, all_reduce, autocast
 from pgolf.errors import InputError, TrainingDiverged
-from pgolf.runtime import autocast
 from pgolf.loader import TrainLoader
-from pgolf.model import GPT
+from pgolf.model import GPT, ModelParams
 from pgolf.muon import Muon
-from pgolf.model import ModelParams
 
 
 @dataclasses.dataclass(frozen=True)

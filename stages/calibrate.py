@@ -8,12 +8,12 @@ import time
 import numpy as np
 
 from pgolf import checkpoint, params, quantize, runtime, shards
-from pgolf.stage import run_stage
 from pgolf.files import staged, write_json
 from pgolf.layout import CHECKPOINT, DETAILS, METRICS, QUANTIZED, SHARDS
 from pgolf.loader import TokenStream
 from pgolf.quantize import QuantParams
 from pgolf.progress import Progress
+from pgolf.stage import run_stage
 
 
 def main() -> None:

@@ -10,11 +10,11 @@ import torch
 
 from pgolf import artifact, checkpoint, pack, params
 from pgolf.errors import InputError
-from pgolf.stage import run_stage
 from pgolf.files import staged, write_bytes, write_json
 from pgolf.layout import ARTIFACT, DETAILS, LOADER_MODULE, METRICS, QUANTIZED
 from pgolf.pack import PackParams
 from pgolf.sources import code_bytes, code_files
+from pgolf.stage import run_stage
 
 
 def main() -> None:

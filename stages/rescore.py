@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 from pgolf import cache, params, shards
 from pgolf.bpb import bits_per_byte
 from pgolf.errors import InputError
-from pgolf.stage import run_stage
 from pgolf.files import staged, write_json
 from pgolf.layout import DETAILS, METRICS, RESCORES, SCORES, SHARDS
 from pgolf.cache import CacheParams
+from pgolf.stage import run_stage
 
 SCHEMA = pa.schema(
     [

@@ -10,12 +10,11 @@ import contextlib
 from pgolf import artifact, params, runtime, shards, tokenizer, windows
 from pgolf.bpb import ByteTables
 from pgolf.errors import InputError
-from pgolf.stage import run_stage
 from pgolf.files import staged, write_json
 from pgolf.layout import ARTIFACT, METRICS, SCORES, SHARDS, TOKENIZER
-from pgolf.score import EvalParams
+from pgolf.score import EvalParams, write_records
 from pgolf.progress import Progress
-from pgolf.score import write_records
+from pgolf.stage import run_stage
 
 
 def main() -> None:

@@ -11,14 +11,13 @@ from pathlib import Path
 import numpy as np
 
 from pgolf import builtin_corpus, documents, params, shards, tokenizer
-from pgolf.dataset import export_docs, import_shards
+from pgolf.dataset import DataParams, export_docs, import_shards
 from pgolf.doc_index import read_hashes
 from pgolf.errors import InputError
-from pgolf.stage import run_stage
 from pgolf.files import sha256_file, staged, write_json
 from pgolf.layout import DATA, DOC_INDEX, MANIFEST, METRICS, SHARDS, TOKENIZER
-from pgolf.dataset import DataParams
 from pgolf.tokenizer import TokenizerParams
+from pgolf.stage import run_stage
 
 
 def from_shards(data: DataParams, model: Path, shards_dir: Path, index: Path) -> tuple[dict, dict]:

@@ -12,13 +12,12 @@ import time
 from pgolf import checkpoint, params, runtime, shards, tokenizer, trainer
 from pgolf.bpb import ByteTables
 from pgolf.errors import InputError
-from pgolf.validation import evaluate
-from pgolf.stage import run_stage
+from pgolf.validation import evaluate, validation_tokens
 from pgolf.files import sha256_file, staged, write_bytes, write_json
 from pgolf.layout import CHECKPOINT, METRICS, SHARDS, TOKENIZER, TRAIN_RUN
-from pgolf.validation import validation_tokens
 from pgolf.model import ModelParams
 from pgolf.trainer import TrainParams
+from pgolf.stage import run_stage
 
 
 def main() -> None:

@@ -22,8 +22,7 @@ import zstandard
 
 from pgolf import artifact, gptq, pack, quantize
 from pgolf.errors import InputError
-from pgolf.model import GPT
-from pgolf.model import ModelParams
+from pgolf.model import GPT, ModelParams
 
 TINY = ModelParams(layers=2, dim=16, heads=2, kv_heads=1, mlp_mult=2, vocab_size=64, tie_embeddings=True,
                    logit_softcap=30.0, rope_base=10000.0, qk_gain_init=1.5, tied_embed_init_std=0.005)

@@ -3,8 +3,7 @@ import dataclasses
 import torch
 
 from pgolf import params, trainer
-from pgolf.model import GPT
-from pgolf.model import ModelParams
+from pgolf.model import GPT, ModelParams
 from conftest import TINY_MODEL, default_params
 
 BASELINE = dict(layers=9, dim=512, heads=8, kv_heads=4, mlp_mult=2, vocab_size=1024, tie_embeddings=True)

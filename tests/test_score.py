@@ -12,11 +12,9 @@ from pgolf import artifact, pack, quantize, windows
 from pgolf.bpb import ByteTables
 from pgolf.runtime import CPU
 from pgolf.validation import evaluate
-from pgolf.model import GPT
-from pgolf.model import ModelParams
+from pgolf.model import GPT, ModelParams
 from pgolf.quantize import QuantBits, QuantParams
-from pgolf.score import EvalParams
-from pgolf.score import score_reference, score_stream, write_records
+from pgolf.score import EvalParams, score_reference, score_stream, write_records
 
 BOS = 1
 # (seq_len, stride, targets): tails of every size, a stream shorter than a window, stride 1 and = seq_len

@@ -10,8 +10,7 @@ import torch
 from pgolf import checkpoint, params, trainer
 from pgolf.runtime import CPU
 from pgolf.errors import InputError, TrainingDiverged
-from pgolf.model import GPT
-from pgolf.model import ModelParams
+from pgolf.model import GPT, ModelParams
 from pgolf.trainer import TrainParams
 from conftest import make_data, run_stage, tiny_params
 
