@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +54,9 @@ def _int(x: object) -> bool:
 
 
 def _is(x: object, kind: str) -> bool:
-    return isinstance(x, bool) if kind == "bool" else _int(x) or (kind == "float" and isinstance(x, float))
+    if kind in ("bool", "str"):
+        return isinstance(x, bool if kind == "bool" else str)
+    return _int(x) or (kind == "float" and isinstance(x, float))
 
 
 def filters(dtype: str, bits: int) -> tuple[str, ...]:
@@ -173,10 +175,8 @@ def check_model(header: dict, where: str) -> ModelParams:
         state[name] = codes["shape"]
     if len(state) + len(quantized) != len(entries) or any(entries[n]["dtype"] == "int8" for n in state if n in entries):
         raise bad("codes or scales of no quantized tensor, or integer tensors that are not codes")
-    one, two = _shapes(replace(p, layers=1)), _shapes(replace(p, layers=2))
-    expected = len(one) + (p.layers - 1) * (len(two) - len(one))
-    if expected != len(state):
-        raise bad(f"the header declares {p.layers} layers ({expected} tensors) but holds {len(state)} tensors")
+    if p.layers > len(state) or max(p.vocab_size, int(p.mlp_mult * p.dim)) * p.dim > MAX_PARAMS:  # bounds the meta build below
+        raise bad(f"the header declares {p.layers} layers of {p.dim} (vocabulary {p.vocab_size}) for {len(state)} tensors of at most {MAX_PARAMS:,} values")
     shapes = _shapes(p)
     for name in sorted(set(shapes) | set(state)):
         if tuple(state.get(name, ())) != shapes.get(name, ()) or name not in state or name not in shapes:

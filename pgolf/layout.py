@@ -10,6 +10,8 @@ DOC_INDEX = DATA / "docs.parquet"  # per-document split, tokens, bytes, hash
 METRICS = Path("metrics")  # each stage's headline figures, flat (dvc metrics show, dvc exp show)
 TRAIN_CURVE = METRICS / "train_curve.csv"
 
+IMPORTS = Path("imports")  # a record's weights for train.import_from: the train stage's tracked dependency
+
 ARTIFACTS = Path("artifacts")
 CHECKPOINT = ARTIFACTS / "model.safetensors"  # the float checkpoint from train
 RUNS = Path("runs")  # untracked: resumable checkpoints of interrupted runs

@@ -85,9 +85,12 @@ def git_revision() -> str:
 
 
 def plots(curve: np.ndarray, by_pos: list[list], quant: dict[str, dict]) -> dict[str, str]:
-    """The report's figures as SVG: training loss, BPB by position (neural vs cache), quantization error per tensor."""
+    """The report's figures as SVG: training loss (unless the weights were imported, untrained here), BPB by
+    position (neural vs cache), quantization error per tensor."""
+    trained = curve.shape[1] >= 2 and len(curve) > 0
     return {
-        "train_curve.svg": svgplot.line_chart("Training loss", "step", "train loss (nats)", {"train_loss": (curve[:, 0].tolist(), curve[:, 1].tolist())}),
+        **({"train_curve.svg": svgplot.line_chart("Training loss", "step", "train loss (nats)", {"train_loss": (curve[:, 0].tolist(), curve[:, 1].tolist())})}
+           if trained else {}),
         "bpb_by_position.svg": svgplot.line_chart(
             "BPB by position in the document", "log2 of the position (bucket)", "bits per byte",
             {"neural": ([r[0] for r in by_pos], [r[3] for r in by_pos]), "cache": ([r[0] for r in by_pos], [r[4] for r in by_pos])}),

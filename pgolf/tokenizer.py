@@ -58,8 +58,8 @@ def load(path: Path | str) -> spm.SentencePieceProcessor:
         raise InputError(f"{path}: not a SentencePiece model ({exc})") from None
     if sp.vocab_size() > MAX_VOCAB:
         raise InputError(f"{path}: vocabulary of {sp.vocab_size():,} tokens; shards hold ids below {MAX_VOCAB:,}")
-    if sp.bos_id() < 0:
-        raise InputError(f"{path}: the tokenizer has no BOS token; documents start with BOS")
+    if sp.bos_id() != CHALLENGE_SETTINGS["bos_id"]:  # the model masks SmearGate and document attention at this id
+        raise InputError(f"{path}: the tokenizer's BOS is id {sp.bos_id()}; documents start with BOS, id {CHALLENGE_SETTINGS['bos_id']} as the challenge's")
     return sp
 
 

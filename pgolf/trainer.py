@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from pgolf import checkpoint, shards
 from pgolf.runtime import Dist, all_reduce, autocast
 from pgolf.errors import InputError, TrainingDiverged
+from pgolf.layout import IMPORTS
 from pgolf.loader import TrainLoader
 from pgolf.model import GPT, ModelParams
 from pgolf.muon import Muon
@@ -53,6 +54,7 @@ class TrainParams:
     checkpoint_every: int  # steps between resumable checkpoints in the run folder (0 = off)
     resume: bool  # continue from the newest checkpoint in the run folder
     compile: bool  # torch.compile on CUDA (CPU always runs eagerly)
+    import_from: str | None = None  # a record's float weights under imports/ instead of training (see pgolf.convert)
 
     def __post_init__(self) -> None:
         if self.seq_len < 1 or self.grad_accum < 1 or self.iterations < 1:
@@ -64,10 +66,12 @@ class TrainParams:
             )
         if self.max_seconds < 0:
             raise InputError("params.yaml: train.max_seconds must be 0 (no limit) or positive")
+        if self.import_from is not None and Path(self.import_from).parent != IMPORTS:
+            raise InputError(f"params.yaml: train.import_from is {self.import_from!r}; put the file in {IMPORTS}/ (dvc.yaml tracks that folder)")
 
 
 # Train settings that cannot change the trained weights: the only ones a resume may differ in.
-NOT_RESULT = ("resume", "log_every", "checkpoint_every", "val_tokens", "val_batch_seqs")
+NOT_RESULT = ("resume", "log_every", "checkpoint_every", "val_tokens", "val_batch_seqs", "import_from")
 UNIFORM_NATS = 0.01  # a loss this close to ln(vocab) is a uniform prediction ...
 UNIFORM_STEPS = 10  # ... and this many such steps in a row get a warning in the log
 clock = time.perf_counter  # the training clock (tests replace it: no test depends on the machine's speed)
@@ -95,19 +99,17 @@ def build(p: ModelParams, seed: int, device: torch.device) -> GPT:
 
 
 # Small control tensors: optimized with Adam, kept in float32 (and left unquantized by the baseline).
-CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weights")
+CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "attn.gate")
 
 
 def param_groups(model: GPT) -> dict[str, list[torch.nn.Parameter]]:
-    """The baseline's optimizer split: Muon for block matrices, Adam for the rest."""
-    named = list(model.blocks.named_parameters())
-    control = lambda name, p: p.ndim < 2 or any(c in name for c in CONTROL_PATTERNS)  # noqa: E731
-    return {
-        "matrix": [p for n, p in named if not control(n, p)],
-        "scalar": [p for n, p in named if control(n, p)] + ([model.skip_weights] if model.skip_weights.numel() else []),
-        "embed": [model.tok_emb.weight],
-        "head": [] if model.lm_head is None else [model.lm_head.weight],
-    }
+    """The baseline's optimizer split: Muon for the blocks' matrices, Adam for the embedding, the head and
+    every small control tensor (scales, mixes, gains, gates, skip and lane weights)."""
+    embed, head = [model.tok_emb.weight], [] if model.lm_head is None else [model.lm_head.weight]
+    matrix = [p for n, p in model.blocks.named_parameters() if p.ndim == 2 and not any(c in n for c in CONTROL_PATTERNS)]
+    taken = {id(p) for p in embed + head + matrix}
+    scalar = [p for p in model.parameters() if id(p) not in taken and p.numel()]
+    return {"matrix": matrix, "scalar": scalar, "embed": embed, "head": head}
 
 
 def optimizers(model: GPT, t: TrainParams, device: torch.device) -> list[torch.optim.Optimizer]:

@@ -6,6 +6,7 @@ rule fails the stage, after the report is written.
 """
 import json
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +72,10 @@ def main() -> None:
     headline = report.headline(pre, post, m, weights, artifact_bytes - weights, rerun.state_bytes, r.n, int(nbytes.sum()), checked)
     doc_pos = np.arange(1, r.n + 1) - windows.doc_starts(tokens, r.bos)[rec.column("doc").to_numpy()]
     by_pos = report.bpb_by_position(doc_pos, r.nll, res.column("nll").to_numpy(), nbytes)
-    plots = report.plots(np.loadtxt(TRAIN_CURVE, delimiter=",", skiprows=1, ndmin=2), by_pos, quant)
+    with warnings.catch_warnings():  # an imported model's curve has no rows
+        warnings.simplefilter("ignore", UserWarning)
+        curve = np.loadtxt(TRAIN_CURVE, delimiter=",", skiprows=1, ndmin=2)
+    plots = report.plots(curve, by_pos, quant)
     steps.update(what="plots")
     seconds = {"tokenize": m["tokenize"]["seconds"], "train": m["train"]["train_seconds"], "calibrate": m["quant"]["seconds"],
                "pack": m["pack"]["seconds"], "score": m["score"]["seconds"], "rescore": m["rescore"]["seconds"],

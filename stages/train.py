@@ -4,12 +4,15 @@ python -m stages.train                    one process: CPU, or one GPU
 PGOLF_NPROC=8 python -m stages.train      relaunches itself under torchrun with 8 processes (NCCL on
                                           GPUs, gloo on CPU); `PGOLF_NPROC=8 dvc repro` does the same
 Reads params.yaml: model, train, seed. The process count is no param: it changes no result.
+With train.import_from set, a record's float weights (imports/<file>, see pgolf.convert) stand in for
+training: nothing is trained, and the checkpoint, curve and validation score are written as usual.
 """
 import csv
 import io
 import time
+from pathlib import Path
 
-from pgolf import checkpoint, params, runtime, shards, tokenizer, trainer
+from pgolf import checkpoint, convert, params, runtime, shards, tokenizer, trainer
 from pgolf.bpb import ByteTables
 from pgolf.errors import InputError
 from pgolf.validation import evaluate, validation_tokens
@@ -33,11 +36,16 @@ def main() -> None:
         raise InputError(f"params.yaml: model.vocab_size is {model_p.vocab_size} but {TOKENIZER} has {vocab} tokens")
     d = runtime.setup()
     try:
-        model = trainer.build(model_p, seed, d.device)
+        if train_p.import_from:  # a record's weights instead of training: nothing is trained, the rest is as usual
+            model, source = convert.imported_model(Path(train_p.import_from), model_p)
+            model, run = model.to(d.device), trainer.Run(stopped_by="imported")
+        else:
+            model, source = trainer.build(model_p, seed, d.device), None
         n_params = sum(t.numel() for t in model.parameters())
         if d.main:
             print(f"train: {n_params:,} parameters, {d.world} process(es) on {d.device.type}, seed {seed}")
-        run = trainer.train(model, train_p, d, SHARDS, TRAIN_RUN, seed)
+        if source is None:
+            run = trainer.train(model, train_p, d, SHARDS, TRAIN_RUN, seed)
         t = time.perf_counter()
         val = validation_tokens(SHARDS, train_p.seq_len, train_p.val_tokens)
         tables = ByteTables.from_sentencepiece(TOKENIZER, model_p.vocab_size)
@@ -48,6 +56,8 @@ def main() -> None:
     if not d.main:
         return
     meta = {"step": run.step, "seed": seed, "val_bpb": val_bpb, "tokenizer_sha256": sha256_file(TOKENIZER)}
+    if source:
+        meta["imported"] = source
     curve = io.StringIO()
     writer = csv.writer(curve, lineterminator="\n")
     writer.writerow(["step", "train_loss", "lr_scale", "train_ms"])
@@ -64,9 +74,9 @@ def main() -> None:
                 "steps": run.step,
                 "stopped_by": run.stopped_by,
                 "ms_per_step": round(ms, 2),
-                "tokens_per_s": round(train_p.batch_tokens / ms * 1000, 1),
+                "tokens_per_s": round(train_p.batch_tokens / ms * 1000, 1) if ms else 0.0,
                 "train_seconds": round(run.train_ms / 1000, 2),
-                "train_loss": round(run.train_loss, 6),
+                "train_loss": round(run.train_loss, 6) if run.curve else None,
                 "uniform_loss_steps": run.uniform_steps,
                 "val_loss": round(val_loss, 6),
                 "val_bpb": round(val_bpb, 6),

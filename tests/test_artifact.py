@@ -93,7 +93,7 @@ def test_pack_stage_round_trips_the_calibrated_tensors(packed):
     assert m["total_bytes"] == m["weight_bytes"] + m["code_bytes"] == (root / "artifacts/model.pgolf").stat().st_size + m["code_bytes"]
     code_files = json.loads((root / "reports/details/pack.json").read_text())["code_files"]
     assert set(code_files) == {"pgolf/artifact.py", "pgolf/codes.py", "pgolf/errors.py", "pgolf/model.py"}  # a self-contained loader
-    assert m["code_bytes"] <= 20_000  # the loader and the model, little else
+    assert m["code_bytes"] <= 32_000  # the loader and the model with the record family's features, little else
     assert m["code_bytes"] == sum(len((REPO / f).read_bytes()) for f in code_files)
 
 
