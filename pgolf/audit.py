@@ -30,10 +30,13 @@ class VerifyParams:
     max_state_bytes: int  # eval-time auxiliary state
     max_overhead: float  # cache seconds over neural scoring seconds
     strict: bool  # fail the stage, after writing the report, when a rule is broken
+    max_train_seconds: float = 0.0  # training + Hessian collection on training data (challenge: 600 on 8xH100); 0 = no budget
 
     def __post_init__(self) -> None:
-        if self.positions < 1 or self.audit_tokens < 0 or self.byte_limit < 1 or self.max_state_bytes < 1 or self.max_overhead <= 0:
-            raise InputError("params.yaml: verify.positions, byte_limit, max_state_bytes and max_overhead must be positive, audit_tokens >= 0")
+        if (self.positions < 1 or self.audit_tokens < 0 or self.byte_limit < 1 or self.max_state_bytes < 1 or self.max_overhead <= 0
+                or self.max_train_seconds < 0):
+            raise InputError("params.yaml: verify.positions, byte_limit, max_state_bytes and max_overhead must be positive, "
+                             "audit_tokens and max_train_seconds >= 0")
 
 
 SUM_TOLERANCE = 1e-6

@@ -65,8 +65,9 @@ def load_model(path: Path) -> tuple[GPT, dict]:
     return model, meta
 
 
-def save_state(path: Path, model: GPT, optimizers: list[torch.optim.Optimizer], meta: dict) -> None:
-    tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
+def save_state(path: Path, model: GPT, optimizers: list[torch.optim.Optimizer], meta: dict, extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Weights, optimizer states and `extra` tensors (the trainer's EMA) of a resumable checkpoint."""
+    tensors = {f"model/{k}": v for k, v in model.state_dict().items()} | {f"extra/{k}": v for k, v in (extra or {}).items()}
     for i, opt in enumerate(optimizers):
         for p_index, state in opt.state_dict()["state"].items():
             for name, value in state.items():
@@ -74,8 +75,8 @@ def save_state(path: Path, model: GPT, optimizers: list[torch.optim.Optimizer], 
     write_safetensors(path, tensors, {"model": dataclasses.asdict(model.p), **meta})
 
 
-def load_state(path: Path, model: GPT, optimizers: list[torch.optim.Optimizer]) -> dict:
-    """Restore weights and optimizer states saved by save_state; return the metadata."""
+def load_state(path: Path, model: GPT, optimizers: list[torch.optim.Optimizer]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Restore weights and optimizer states saved by save_state; return the metadata and the extra tensors."""
     tensors, meta = read_safetensors(path)
     if meta["model"] != dataclasses.asdict(model.p):
         raise InputError(f"{path}: saved with other model params than params.yaml's; cannot resume")
@@ -91,4 +92,4 @@ def load_state(path: Path, model: GPT, optimizers: list[torch.optim.Optimizer]) 
                 state.setdefault(int(p_index), {})[name] = value
         sd = opt.state_dict()
         opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
-    return meta
+    return meta, {k[len("extra/") :]: v for k, v in tensors.items() if k.startswith("extra/")}

@@ -110,11 +110,15 @@ def calibration_hashes(train_shards: list, first_tokens: int, bos: int) -> np.nd
     return np.array([hash_doc(prefix[a:b]) for a, b in zip(bounds[:-1], bounds[1:])], dtype=np.uint64)
 
 
-def budget_rules(artifact_bytes: int, state_bytes: int, overhead: float, vp: VerifyParams) -> list[Rule]:
-    """artifact_bytes, state_bytes and cache_overhead against their verify.* limits."""
+def budget_rules(artifact_bytes: int, state_bytes: int, overhead: float, train_seconds: float, vp: VerifyParams) -> list[Rule]:
+    """artifact_bytes, state_bytes, cache_overhead and training_budget against their verify.* limits."""
+    if vp.max_train_seconds:
+        budget = audit.at_most("training_budget", train_seconds, vp.max_train_seconds, "training + Hessian collection seconds")
+    else:
+        budget = Rule("training_budget", True, train_seconds, 0, f"{train_seconds:.2f} s of training + Hessians; no budget set (verify.max_train_seconds)")
     return [audit.at_most("artifact_bytes", artifact_bytes, vp.byte_limit, "artifact weights + code bytes"),
             audit.at_most("state_bytes", state_bytes, vp.max_state_bytes, "eval-time cache state, bytes"),
-            audit.at_most("cache_overhead", overhead, vp.max_overhead, "cache seconds / neural scoring seconds")]
+            audit.at_most("cache_overhead", overhead, vp.max_overhead, "cache seconds / neural scoring seconds"), budget]
 
 
 def data_rules(doc_index: Path, quant_meta: dict, shards_dir: Path, r: Records, decode, nbytes: np.ndarray) -> list[Rule]:

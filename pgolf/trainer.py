@@ -1,4 +1,5 @@
-"""The training loop of the official baseline: Muon + Adam, LR warm-down, a wallclock budget.
+"""The training loop: the official baseline's (Muon + Adam, LR warm-down, a wallclock budget) with the records'
+recipe as params (Muon variants, weight decay, warm-down fraction and floor, depth recurrence switched on, EMA).
 
 One call trains on this process's share of every global batch. Gradient accumulation keeps the
 global batch the same for any process count; the wallclock decision is shared by all processes.
@@ -23,7 +24,7 @@ from pgolf.errors import InputError, TrainingDiverged
 from pgolf.layout import IMPORTS
 from pgolf.loader import TrainLoader
 from pgolf.model import GPT, ModelParams
-from pgolf.muon import Muon
+from pgolf.muon import NS_COEFFICIENTS, Muon
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +56,18 @@ class TrainParams:
     resume: bool  # continue from the newest checkpoint in the run folder
     compile: bool  # torch.compile on CUDA (CPU always runs eagerly)
     import_from: str | None = None  # a record's float weights under imports/ instead of training (see pgolf.convert)
+    # The records' recipe (PR #1394 -> #1855; docs/training.md); each default keeps the baseline.
+    muon_ns: str = "quintic"  # quintic | polar_express: the Newton-Schulz coefficients
+    muon_row_normalize: bool = False  # unit-norm rows of the momentum update before orthogonalising (MuonEq-R)
+    muon_wd: float = 0.0  # decoupled weight decay of the block matrices
+    embed_wd: float = 0.0  # ... of the embedding (AdamW)
+    adam_wd: float = 0.0  # ... of the control tensors (AdamW)
+    warmdown_frac: float = 0.0  # > 0: the warm-down is this last fraction of training (replaces warmdown_iters)
+    min_lr: float = 0.0  # the warm-down's floor, a fraction of each learning rate
+    loop_at: float = 0.0  # depth recurrence (model.loops) runs from this fraction of training on
+    ema_decay: float = 0.0  # > 0: the checkpoint holds an exponential moving average of the weights
+    order: str = "sequential"  # sequential (the official loader) | shuffled (the records' seeded sequence order)
+    hessian_reserve_seconds: float = 0.0  # of max_seconds, left for calibration's Hessians on training data
 
     def __post_init__(self) -> None:
         if self.seq_len < 1 or self.grad_accum < 1 or self.iterations < 1:
@@ -66,6 +79,15 @@ class TrainParams:
             )
         if self.max_seconds < 0:
             raise InputError("params.yaml: train.max_seconds must be 0 (no limit) or positive")
+        if self.hessian_reserve_seconds < 0 or (self.max_seconds > 0 and self.hessian_reserve_seconds >= self.max_seconds):
+            raise InputError("params.yaml: train.hessian_reserve_seconds must be >= 0 and below train.max_seconds")
+        for key in ("warmdown_frac", "min_lr", "loop_at"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise InputError(f"params.yaml: train.{key} is {getattr(self, key)}; use a fraction in [0, 1]")
+        if not 0 <= self.ema_decay < 1:
+            raise InputError(f"params.yaml: train.ema_decay is {self.ema_decay}; use [0, 1) (0 = no average)")
+        if self.muon_ns not in NS_COEFFICIENTS or self.order not in ("sequential", "shuffled"):
+            raise InputError(f"params.yaml: train.muon_ns is one of {', '.join(NS_COEFFICIENTS)}; train.order sequential or shuffled")
         if self.import_from is not None and Path(self.import_from).parent != IMPORTS:
             raise InputError(f"params.yaml: train.import_from is {self.import_from!r}; put the file in {IMPORTS}/ (dvc.yaml tracks that folder)")
 
@@ -117,30 +139,48 @@ def optimizers(model: GPT, t: TrainParams, device: torch.device) -> list[torch.o
     groups = param_groups(model)
     fused = device.type == "cuda"
 
-    def adam(params: list, lr: float) -> torch.optim.Adam:
-        return torch.optim.Adam([{"params": params, "lr": lr, "base_lr": lr}], betas=(t.beta1, t.beta2), eps=t.adam_eps, fused=fused)
+    def adam(params: list, lr: float, wd: float = 0.0) -> torch.optim.AdamW:
+        return torch.optim.AdamW([{"params": params, "lr": lr, "base_lr": lr}], betas=(t.beta1, t.beta2), eps=t.adam_eps,
+                                 weight_decay=wd, fused=fused)
 
     embed_lr = t.tied_embed_lr if model.p.tie_embeddings else t.embed_lr
-    opts: list[torch.optim.Optimizer] = [adam(groups["embed"], embed_lr)]
+    opts: list[torch.optim.Optimizer] = [adam(groups["embed"], embed_lr, t.embed_wd)]
     if groups["head"]:
         opts.append(adam(groups["head"], t.head_lr))
-    muon = Muon(groups["matrix"], lr=t.matrix_lr, momentum=t.muon_momentum, backend_steps=t.muon_backend_steps)
+    muon = Muon(groups["matrix"], lr=t.matrix_lr, momentum=t.muon_momentum, backend_steps=t.muon_backend_steps,
+                weight_decay=t.muon_wd, row_normalize=t.muon_row_normalize, ns=t.muon_ns)
     for group in muon.param_groups:
         group["base_lr"] = t.matrix_lr
-    opts += [muon, adam(groups["scalar"], t.scalar_lr)]
+    opts += [muon, adam(groups["scalar"], t.scalar_lr, t.adam_wd)]
     return opts
 
 
+def budget_ms(t: TrainParams) -> float:
+    """Training time allowed: the budget less the Hessians' reserve (0: no budget)."""
+    return 1000 * (t.max_seconds - t.hessian_reserve_seconds) if t.max_seconds > 0 else 0.0
+
+
+def fraction(t: TrainParams, step: int, elapsed_ms: float) -> float:
+    """How far training is: of the time budget when one is set, else of the steps."""
+    return elapsed_ms / budget_ms(t) if t.max_seconds > 0 else step / t.iterations
+
+
 def lr_scale(t: TrainParams, step: int, elapsed_ms: float) -> float:
-    """1, then a linear decay to 0 over the last warmdown_iters steps (of the time budget when one is set)."""
+    """1, then a linear decay over the last warmdown_frac of training, or the last warmdown_iters steps (of the
+    time budget when one is set), to 0 or the floor min_lr."""
+    if t.warmdown_frac > 0:
+        frac = fraction(t, step, elapsed_ms)
+        return max((1 - frac) / t.warmdown_frac, t.min_lr) if frac >= 1 - t.warmdown_frac else 1.0
     if t.warmdown_iters <= 0:
         return 1.0
     if t.max_seconds <= 0:
         start = max(t.iterations - t.warmdown_iters, 0)
-        return max((t.iterations - step) / t.warmdown_iters, 0.0) if start <= step < t.iterations else 1.0
-    warmdown_ms = t.warmdown_iters * elapsed_ms / max(step, 1)
-    remaining_ms = max(1000 * t.max_seconds - elapsed_ms, 0.0)
-    return remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+        scale = max((t.iterations - step) / t.warmdown_iters, 0.0) if start <= step < t.iterations else 1.0
+    else:
+        warmdown_ms = t.warmdown_iters * elapsed_ms / max(step, 1)
+        remaining_ms = max(budget_ms(t) - elapsed_ms, 0.0)
+        scale = remaining_ms / max(warmdown_ms, 1e-9) if remaining_ms <= warmdown_ms else 1.0
+    return max(scale, t.min_lr)
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -212,7 +252,8 @@ def train(
         net = torch.compile(model, dynamic=False, fullgraph=True)
     if d.distributed:
         net = DDP(net, device_ids=[d.device.index] if d.device.type == "cuda" else None, broadcast_buffers=False)
-    loader = TrainLoader(shards_dir, d.rank, d.world, d.device)
+    loader = TrainLoader(shards_dir, d.rank, d.world, d.device, t.order, t.seq_len, seed)
+    ema = {n: v.detach().float().clone() for n, v in model.state_dict().items()} if t.ema_decay else {}
 
     def step_once(scale: float, momentum: float) -> torch.Tensor:
         for opt in opts:
@@ -243,7 +284,8 @@ def train(
     ident = identity(model, t, seed, shards_dir)
     why_not = _resumable(saved[-1], ident) if t.resume and saved else "train.resume is false"
     if saved and not why_not:
-        meta = checkpoint.load_state(saved[-1], model, opts)
+        meta, extra = checkpoint.load_state(saved[-1], model, opts)
+        ema = {n[len("ema/") :]: v.to(d.device) for n, v in extra.items() if n.startswith("ema/")}
         run = Run(**meta["run"])
         loader.stream.restore(run.loader)
         _log(d, f"train: resuming from {saved[-1]} at step {run.step}")
@@ -256,14 +298,16 @@ def train(
             for old in saved:  # a fresh run: stale checkpoints must not be resumed later
                 old.unlink()
     if t.warmup_steps and not run.step:
-        # Prime compiled paths, then restore the initial state so that timing starts from the true init.
-        initial = copy.deepcopy(model.state_dict()), [copy.deepcopy(o.state_dict()) for o in opts]
-        for _ in range(t.warmup_steps):
-            step_once(1.0, t.muon_momentum_warmup_start)
+        # Prime compiled paths (both layer orders when recurrence switches on later), then restore the initial
+        # state so that timing starts from the true init.
+        initial = copy.deepcopy(model.state_dict()), [copy.deepcopy(o.state_dict()) for o in opts], loader.stream.state()
+        for model.looping in [False, True] if model.p.loops and t.loop_at > 0 else [True]:
+            for _ in range(t.warmup_steps):
+                step_once(1.0, t.muon_momentum_warmup_start)
         model.load_state_dict(initial[0])
         for opt, state in zip(opts, initial[1]):
             opt.load_state_dict(state)
-        loader.stream.restore({"file": 0, "pos": 0})
+        loader.stream.restore(initial[2])
 
     _sync(d)
     t0 = clock()
@@ -272,8 +316,13 @@ def train(
     while run.step < t.iterations:
         elapsed = base_ms + 1000 * (clock() - t0)
         scale = lr_scale(t, run.step, elapsed)
+        model.looping = fraction(t, run.step, elapsed) >= t.loop_at
         frac = min(run.step / t.muon_momentum_warmup_steps, 1.0) if t.muon_momentum_warmup_steps > 0 else 1.0
         loss = step_once(scale, (1 - frac) * t.muon_momentum_warmup_start + frac * t.muon_momentum).item()
+        if ema:
+            with torch.no_grad():
+                for name, w in model.state_dict().items():
+                    ema[name].mul_(t.ema_decay).add_(w.float(), alpha=1 - t.ema_decay)
         run.step += 1
         run.train_ms = base_ms + 1000 * (clock() - t0)
         run.curve.append([run.step, loss, scale, round(run.train_ms, 1)])
@@ -286,7 +335,7 @@ def train(
             _log(d, f"train: warning: the loss has been {uniform_loss:.4f} = ln(vocab), a uniform prediction, for {streak} steps "
                     f"(steps {run.step - streak + 1}..{run.step}): the model is not learning; are the learning rates too high?")
         if t.max_seconds > 0:
-            over = torch.tensor(float(run.train_ms >= 1000 * t.max_seconds), device=d.device)
+            over = torch.tensor(float(run.train_ms >= budget_ms(t)), device=d.device)
             if all_reduce(over, "max").item():
                 run.stopped_by = "time"
         if d.main and t.log_every and (run.step % t.log_every == 0 or run.step == 1):
@@ -296,11 +345,15 @@ def train(
             if bad:
                 raise _diverged(f"the update of step {run.step} made {len(bad)} tensors non-finite ({', '.join(bad[:3])})", run_dir)
             if d.main:
-                checkpoint.save_state(run_dir / f"step_{run.step:06d}.safetensors", model, opts, {"run": run.__dict__, "identity": ident})
+                extra = {f"ema/{n}": v for n, v in ema.items()}
+                checkpoint.save_state(run_dir / f"step_{run.step:06d}.safetensors", model, opts, {"run": run.__dict__, "identity": ident}, extra)
         if on_step is not None:
             on_step(run)
         if run.stopped_by == "time":
             break
+    model.looping = True  # evaluation runs the full layer order
+    if ema:  # what the checkpoint holds and every later stage uses
+        model.load_state_dict({n: v.to(model.state_dict()[n].dtype) for n, v in ema.items()})
     return run
 
 

@@ -173,7 +173,7 @@ def test_the_real_pipeline_passes_every_rule(pipeline):
     assert report["passed"] and all(r["passed"] for r in rules.values()) and report["rules_passed"] == report["rules"] == len(rules)
     assert all(not isinstance(v, (dict, list)) for v in report.values())  # flat headline figures for dvc metrics show
     assert set(rules) >= {"normalization", "causality_cache", "causality_pass1", "single_pass", "artifact_bytes",
-                                    "state_bytes", "cache_overhead", "val_not_in_train", "val_not_in_calibration", "bytes_are_utf8"}
+                                    "state_bytes", "cache_overhead", "training_budget", "val_not_in_train", "val_not_in_calibration", "bytes_are_utf8"}
     for key in ("val_bpb_pre_quant", "val_bpb_post_quant", "quant_penalty", "val_bpb_scored", "val_bpb_cache", "cache_gain",
                 "artifact_bytes", "code_bytes", "weight_bytes", "state_bytes"):
         assert key in report

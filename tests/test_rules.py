@@ -1,4 +1,6 @@
 """The report's rule assembly and text, without running the stage."""
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -23,8 +25,11 @@ def test_audited_positions_cover_document_0_and_a_seeded_sample():
 
 
 def test_budget_rules_hold_each_figure_to_its_limit():
-    passed = [r.passed for r in rules.budget_rules(100, 11, 1.0, VP)]
-    assert passed == [True, False, True]
+    passed = [r.passed for r in rules.budget_rules(100, 11, 1.0, 650.0, VP)]
+    assert passed == [True, False, True, True]  # no training budget set: the seconds are reported, not held
+    budgeted = dataclasses.replace(VP, max_train_seconds=600.0)
+    over, within = rules.budget_rules(100, 1, 1.0, 600.5, budgeted)[3], rules.budget_rules(100, 1, 1.0, 599.5, budgeted)[3]
+    assert over.name == "training_budget" and not over.passed and within.passed and over.limit == 600.0
 
 
 def test_data_rules_catch_validation_in_training_and_calibration(tmp_path):
