@@ -86,8 +86,10 @@ class TrainParams:
                 raise InputError(f"params.yaml: train.{key} is {getattr(self, key)}; use a fraction in [0, 1]")
         if not 0 <= self.ema_decay < 1:
             raise InputError(f"params.yaml: train.ema_decay is {self.ema_decay}; use [0, 1) (0 = no average)")
-        if self.muon_ns not in NS_COEFFICIENTS or self.order not in ("sequential", "shuffled"):
-            raise InputError(f"params.yaml: train.muon_ns is one of {', '.join(NS_COEFFICIENTS)}; train.order sequential or shuffled")
+        if self.muon_ns not in NS_COEFFICIENTS:
+            raise InputError(f"params.yaml: train.muon_ns is {self.muon_ns!r}; use {' | '.join(NS_COEFFICIENTS)}")
+        if self.order not in ("sequential", "shuffled"):
+            raise InputError(f"params.yaml: train.order is {self.order!r}; use sequential | shuffled")
         if self.import_from is not None and Path(self.import_from).parent != IMPORTS:
             raise InputError(f"params.yaml: train.import_from is {self.import_from!r}; put the file in {IMPORTS}/ (dvc.yaml tracks that folder)")
 
