@@ -62,20 +62,13 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def record_names(p: ModelParams) -> dict[str, str]:
-    """Our tensor name -> the name it has in an unbanked record state dict."""
-    ours = {v: k for k, v in RENAMES.items()}
-    with torch.device("meta"):
-        names = list(GPT(p).state_dict())
-    out = {}
-    for name in names:
-        m = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
-        if m:
-            back = {v: k for k, v in BLOCK_RENAMES.items()}.get(m.group(2), m.group(2))
-            out[name] = f"blocks.{m.group(1)}.{back}"
-        else:
-            out[name] = ours.get(name, name)
-    return out
+def record_name(ours: str) -> str:
+    """The name our tensor has in an unbanked record state dict."""
+    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", ours)
+    if m:
+        back = {v: k for k, v in BLOCK_RENAMES.items()}
+        return f"blocks.{m.group(1)}.{back.get(m.group(2), m.group(2))}"
+    return {v: k for k, v in RENAMES.items()}.get(ours, ours)
 
 
 def unbank(state: dict[str, torch.Tensor], layers: int, source: str = "state dict") -> dict[str, torch.Tensor]:
@@ -101,15 +94,16 @@ def to_pgolf(state: dict[str, torch.Tensor], p: ModelParams, source: str = "stat
     state = unbank(state, p.layers, source)
     with torch.device("meta"):
         expected = GPT(p).state_dict()
+    names = {ours: record_name(ours) for ours in expected}
     out = {}
-    for ours, theirs in record_names(p).items():
+    for ours, theirs in names.items():
         if theirs not in state:
             raise InputError(f"{source}: tensor {theirs} is missing; the profile's model needs it (shape {list(expected[ours].shape)})")
         t = state[theirs]
         if tuple(t.shape) != tuple(expected[ours].shape) or not t.is_floating_point():
             raise InputError(f"{source}: tensor {theirs} is {t.dtype} {list(t.shape)}; the profile's model needs float {list(expected[ours].shape)}")
         out[ours] = t.detach().to(torch.float32).contiguous()
-    extra = [k for k in state if k not in set(record_names(p).values())]
+    extra = [k for k in state if k not in set(names.values())]
     if extra:
         raise InputError(f"{source}: tensor {extra[0]} is not part of the profile's model ({len(extra)} extra); check the profile")
     return out
