@@ -1,9 +1,12 @@
 """Weight quantization: per-row symmetric scales, round-to-nearest (RTN) and GPTQ.
 
 A matrix W [rows, cols] becomes integer codes Q in [-qmax, qmax] (qmax = 2**(bits-1) - 1) and one
-float16 scale per row, W ≈ Q * scale[:, None]. Scales come from a clip search: per row, the clip
-ratio (scale = ratio * max|w| / qmax) whose error, weighted by the layer's input Hessian H = XᵀX,
-is smallest - after rounding for RTN, after the whole GPTQ sweep for GPTQ.
+float16 scale per row, W ≈ Q * scale[:, None]. Scales come either from a clip search: per row, the
+clip ratio (scale = ratio * max|w| / qmax) whose error, weighted by the layer's input Hessian H = XᵀX,
+is smallest - after rounding for RTN, after the whole GPTQ sweep for GPTQ; or from the records' SD
+clip (PR #1394): scale = k * std(row) / qmax, one sweep, no search. Clipping at k standard deviations
+instead of at the row's largest weight narrows the codes' distribution, so the entropy coder stores
+them in fewer bits (about bits - log2(clip width) fewer per weight) at some cost in rounding error.
 
 GPTQ (Frantar et al., 2022) quantizes one column at a time and spreads each column's error over the
 columns not yet quantized, using the Cholesky factor of H⁻¹; columns may go in order of decreasing
@@ -39,17 +42,25 @@ def h_error(err: Tensor, H: Tensor | None) -> Tensor:
     return ((err @ H) * err).sum(1)
 
 
-def clip_search(W: Tensor, H: Tensor | None, bits: int, quantize: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
-    """Per row, the clip ratio of CLIP_GRID whose codes have the smallest H-weighted error of W (float64).
+def candidate_scales(W: Tensor, bits: int, sigmas: float | None) -> list[Tensor]:
+    """Per-row scales to try (float16-representable, float64): CLIP_GRID's ratios of max|w| when sigmas
+    is None, else the one SD-clip scale sigmas * std(row) / qmax."""
+    if sigmas is None:
+        spans = [ratio * W.abs().amax(1).clamp_min(1e-8) for ratio in CLIP_GRID]
+    else:
+        spans = [sigmas * W.std(1)]  # torch's std: the unbiased estimate, as the records compute it
+    return [(span / qmax(bits)).half().double().clamp_min(torch.finfo(torch.float16).tiny) for span in spans]
 
-    quantize(scale) gives the codes [rows, cols] for per-row scales (float16-representable); rows are
-    independent given H, so each keeps its own best ratio. Returns (int8 codes, float16 scales).
+
+def clip_search(W: Tensor, H: Tensor | None, quantize: Callable[[Tensor], Tensor], candidates: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Per row, the candidate scale whose codes have the smallest H-weighted error of W (float64).
+
+    quantize(scale) gives the codes [rows, cols] for per-row scales; rows are independent given H, so
+    each keeps its own best candidate (with the SD clip there is one). Returns (int8 codes, float16 scales).
     """
-    amax = W.abs().amax(1).clamp_min(1e-8)
-    best_err = torch.full_like(amax, float("inf"))
-    codes, scales = torch.zeros_like(W), torch.zeros_like(amax)
-    for ratio in CLIP_GRID:
-        scale = (ratio * amax / qmax(bits)).half().double().clamp_min(torch.finfo(torch.float16).tiny)
+    best_err = torch.full((W.size(0),), float("inf"), dtype=W.dtype)
+    codes, scales = torch.zeros_like(W), torch.zeros_like(best_err)
+    for scale in candidates:
         Q = quantize(scale)
         err = h_error(W - Q * scale[:, None], H)
         better = err < best_err
@@ -58,10 +69,10 @@ def clip_search(W: Tensor, H: Tensor | None, bits: int, quantize: Callable[[Tens
     return codes.to(torch.int8), scales.half()
 
 
-def rtn(w: Tensor, bits: int, H: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Round to nearest with the clip search GPTQ uses: (int8 codes, float16 scales)."""
+def rtn(w: Tensor, bits: int, H: Tensor | None = None, sigmas: float | None = None) -> tuple[Tensor, Tensor]:
+    """Round to nearest with the scales GPTQ would use: (int8 codes, float16 scales)."""
     W = w.double()
-    return clip_search(W, None if H is None else H.double(), bits, lambda scale: codes_for(W, scale, bits))
+    return clip_search(W, None if H is None else H.double(), lambda scale: codes_for(W, scale, bits), candidate_scales(W, bits, sigmas))
 
 
 def _prepare(w: Tensor, H: Tensor, damp: float, act_order: bool):
@@ -100,29 +111,34 @@ def _sweep_reference(W: Tensor, Hinv: Tensor, scale: Tensor, bits: int, block_si
     return Q
 
 
-def _gptq(w: Tensor, H: Tensor, bits: int, damp: float, block_size: int, act_order: bool, sweep) -> tuple[Tensor, Tensor]:
-    # The sweep runs once per clip ratio; each row keeps the ratio with its smallest output error.
+def _gptq(w: Tensor, H: Tensor, bits: int, damp: float, block_size: int, act_order: bool, sweep, sigmas: float | None) -> tuple[Tensor, Tensor]:
+    # The sweep runs once per candidate scale; each row keeps the one with its smallest output error.
+    # Scales come from the weights as trained, before dead inputs are zeroed (as the records do).
     W, perm, Hinv = _prepare(w, H, damp, act_order)
-    return clip_search(W, H.double(), bits, lambda scale: sweep(W[:, perm].clone(), Hinv, scale, bits, block_size)[:, torch.argsort(perm)])
+    quantize = lambda scale: sweep(W[:, perm].clone(), Hinv, scale, bits, block_size)[:, torch.argsort(perm)]  # noqa: E731
+    return clip_search(W, H.double(), quantize, candidate_scales(w.double(), bits, sigmas))
 
 
-def gptq(w: Tensor, H: Tensor, bits: int, damp: float = 0.01, block_size: int = 128, act_order: bool = True) -> tuple[Tensor, Tensor]:
-    """GPTQ with lazy block updates and a per-row clip search: (int8 codes [rows, cols], float16 scales [rows])."""
-    return _gptq(w, H, bits, damp, block_size, act_order, _sweep_blocked)
+def gptq(w: Tensor, H: Tensor, bits: int, damp: float = 0.01, block_size: int = 128, act_order: bool = True,
+         sigmas: float | None = None) -> tuple[Tensor, Tensor]:
+    """GPTQ with lazy block updates, per-row scales from the clip search or, given sigmas, the SD clip:
+    (int8 codes [rows, cols], float16 scales [rows])."""
+    return _gptq(w, H, bits, damp, block_size, act_order, _sweep_blocked, sigmas)
 
 
-def gptq_reference(w: Tensor, H: Tensor, bits: int, damp: float = 0.01, act_order: bool = True) -> tuple[Tensor, Tensor]:
+def gptq_reference(w: Tensor, H: Tensor, bits: int, damp: float = 0.01, act_order: bool = True, sigmas: float | None = None) -> tuple[Tensor, Tensor]:
     """The plain definition: quantize column j, then push its error onto every later column at once."""
-    return _gptq(w, H, bits, damp, 0, act_order, _sweep_reference)
+    return _gptq(w, H, bits, damp, 0, act_order, _sweep_reference, sigmas)
 
 
-def gptq_rows(w: Tensor, H: Tensor, bits: int, damp: float = 0.01) -> tuple[Tensor, Tensor]:
+def gptq_rows(w: Tensor, H: Tensor, bits: int, damp: float = 0.01, sigmas: float | None = None) -> tuple[Tensor, Tensor]:
     """GPTQ with one Hessian per row (H [rows, cols, cols]), all rows swept together, natural column order.
 
     For a matrix whose rows see different inputs, such as a tied embedding: each row gets exactly what
     gptq_reference gives that row alone with its own Hessian and act_order off (tested).
     """
     W, H = w.double(), H.double()
+    candidates = candidate_scales(W, bits, sigmas)
     Hd = H.clone()
     dead = torch.diagonal(Hd, dim1=1, dim2=2) == 0
     Hd[dead.unsqueeze(2) & torch.eye(H.size(1), dtype=torch.bool)] = 1.0
@@ -139,4 +155,4 @@ def gptq_rows(w: Tensor, H: Tensor, bits: int, damp: float = 0.01) -> tuple[Tens
             Wc[:, j + 1 :] -= err[:, None] * Hinv[:, j, j + 1 :]
         return Q
 
-    return clip_search(W, H, bits, sweep)
+    return clip_search(W, H, sweep, candidates)

@@ -129,7 +129,7 @@ def data_rules(doc_index: Path, quant_meta: dict, shards_dir: Path, r: Records, 
     calibration = quant_meta.get("calibration", {})
     calib = calibration_hashes(shards.list_shards(shards_dir, "train"), int(calibration.get("first_tokens", 0)), r.bos)
     rule = audit.disjoint("val_not_in_calibration", val, calib, "the calibration tokens")
-    if calibration.get("split") != "train":
+    if calibration.get("split") not in ("train", "self_generated"):  # self_generated: the model's own samples, no data
         rule = Rule(rule.name, False, rule.figure, 0, f"calibration read the {calibration.get('split')!r} split, not train")
     utf8 = audit.decoded_bytes(decode, r.tokens, windows.doc_starts(r.tokens, r.bos))
     return [audit.disjoint("val_not_in_train", val, hashes[split == "train"], "the training split"), rule,

@@ -1,7 +1,8 @@
 """Stage 3: float checkpoint + train shards -> quantized weights (integer codes + scales).
 
 python -m stages.calibrate    (PGOLF_NPROC=N: N torchrun processes share the Hessians and the matrices)
-Reads params.yaml: quant. Calibration tokens come from the train shards only, never validation.
+Reads params.yaml: quant, seed. Calibration tokens come from the train shards, or from the float model
+itself (quant.calibration: self_generated, seeded), never from validation.
 """
 import time
 
@@ -18,18 +19,27 @@ from pgolf.stage import run_stage
 
 def main() -> None:
     runtime.relaunch_under_torchrun("stages.calibrate")
-    q = params.section(params.load(), "quant", QuantParams)
+    p = params.load()
+    q, seed = params.section(p, "quant", QuantParams), params.scalar(p, "seed", int)
     d = runtime.setup()
     try:
         model, _ = checkpoint.load_model(CHECKPOINT)
+        quantize.check_memory(q, model.p.vocab_size, model.p.dim, model.lm_head is None)
         model.to(d.device).eval()
         n_tokens = q.calib_seqs * q.seq_len
-        stream = TokenStream(shards.list_shards(SHARDS, "train")).take(n_tokens + 1)
-        inputs, targets = stream[:-1].reshape(q.calib_seqs, q.seq_len), stream[1:].reshape(q.calib_seqs, q.seq_len)
         t = time.perf_counter()
-        mine = inputs[d.rank :: d.world]
-        progress = Progress("calibrate: hessians", len(mine), "seqs")
-        hessians = quantize.collect_hessians(model, mine, targets[d.rank :: d.world], progress=progress)
+        if q.calibration == "train":
+            stream = TokenStream(shards.list_shards(SHARDS, "train")).take(n_tokens + 1)
+            seqs = np.stack([stream[:-1], stream[1:]]).reshape(2, q.calib_seqs, q.seq_len)
+            calibration, sample_s = {"split": "train", "first_tokens": n_tokens + 1}, 0.0
+        else:  # every process draws the same sequences (a CPU generator) and takes its share below
+            progress = Progress("calibrate: sampling", q.calib_seqs, "seqs")
+            sampled = quantize.sample(model, q.calib_seqs, q.seq_len, q.temperature, seed, progress=progress)
+            sample_s = progress.done(f"{q.calib_seqs} x {q.seq_len} tokens from BOS at temperature {q.temperature}")
+            seqs = np.stack([sampled[:, :-1], sampled[:, 1:]])
+            calibration = {"split": "self_generated", "seed": seed, "temperature": q.temperature}
+        progress = Progress("calibrate: hessians", len(seqs[0, d.rank :: d.world]), "seqs")
+        hessians = quantize.collect_hessians(model, seqs[0, d.rank :: d.world], seqs[1, d.rank :: d.world], progress=progress, embed_hessian=q.embed_hessian)
         hessian_s = progress.done(f"{len(hessians)} matrices")
         tensors, meta = quantize.quantize_model(model, hessians, q)
         seconds = time.perf_counter() - t
@@ -37,15 +47,18 @@ def main() -> None:
         runtime.teardown()
     if not d.main:
         return
-    meta["calibration"] = {"split": "train", "first_tokens": n_tokens + 1, "seqs": q.calib_seqs, "seq_len": q.seq_len}
+    meta["calibration"] = {**calibration, "seqs": q.calib_seqs, "seq_len": q.seq_len}
     per_tensor = meta["tensors"]
     by_class = {
         cls: round(float(np.mean([t["h_error"] for t in per_tensor.values() if t["class"] == cls])), 6)
         for cls in sorted({t["class"] for t in per_tensor.values()})
     }
-    headline = {"method": q.method, "bits_attn": q.bits.attn, "bits_mlp": q.bits.mlp, "bits_embed": q.bits.embed, "calib_tokens": n_tokens,
-                **{f"h_error_{cls}": e for cls, e in by_class.items()}, "seconds": round(seconds, 2), "hessian_seconds": round(hessian_s, 2)}
-    tensor_rows = {name: {"bits": t["bits"], "method": t["method"], "h_error": round(t["h_error"], 8)} for name, t in per_tensor.items()}
+    headline = {"method": q.method, "clip": q.clip, "bits_attn": q.bits.attn, "bits_mlp": q.bits.mlp, "bits_embed": q.bits.embed,
+                "calibration": q.calibration, "calib_tokens": n_tokens, "lqer_tensors": sum(t["lqer_rank"] > 0 for t in per_tensor.values()),
+                **{f"h_error_{cls}": e for cls, e in by_class.items()}, "seconds": round(seconds, 2),
+                "hessian_seconds": round(hessian_s + sample_s, 2)}  # sampling included: both count toward the training budget
+    tensor_rows = {name: {"bits": t["bits"], "method": t["method"], "clip": t["clip"], "lqer_rank": t["lqer_rank"], "h_error": round(t["h_error"], 8)}
+                   for name, t in per_tensor.items()}
     with staged(QUANTIZED, METRICS / "quant.json", DETAILS / "quant.json") as (out, quant_json, details_json):
         checkpoint.write_safetensors(out, tensors, meta)
         write_json(quant_json, headline)

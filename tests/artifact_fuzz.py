@@ -17,29 +17,39 @@ import sys
 import tempfile
 from pathlib import Path
 
+import brotli
 import torch
 import zstandard
 
-from pgolf import artifact, gptq, pack, quantize
+from pgolf import artifact, codes, gptq, lqer, pack, quantize
 from pgolf.errors import InputError
+from pgolf.lqer import LqerParams
 from pgolf.model import GPT, ModelParams
 
 TINY = ModelParams(layers=2, dim=16, heads=2, kv_heads=1, mlp_mult=2, vocab_size=64, tie_embeddings=True,
                    logit_softcap=30.0, rope_base=10000.0, qk_gain_init=1.5, tied_embed_init_std=0.005)
 ODD_VALUES = ["x", "", [], {}, None, True, False, 1.5, [1, 2], {"a": 1}]
 HUGE = [2**31, 2**40, 2**63, 10**30, 1e308, 16384]
+LQER = LqerParams(rank=2, top_k=1, a_bits=2, b_bits=4, group=8)
+
+
+SORTED = "blocks.0.attn.c_q.weight.codes"
 
 
 def tiny_artifact() -> bytes:
-    """A real artifact: a 2-layer model with its matrices rounded to 6 bits."""
+    """A real artifact: a 2-layer model with its matrices rounded to 6 bits, LQER factors on one of them,
+    in two streams (brotli; zstd with the byte shuffle), one tensor stored sorted."""
     torch.manual_seed(0)
     state = {k: v.float() + 0.01 * torch.randn_like(v) for k, v in GPT(TINY).state_dict().items()}
     names = [n for n in state if quantize.tensor_class(n)]
     tensors = {n: v for n, v in state.items() if n not in names}
     for n in names:
         tensors[f"{n}.codes"], tensors[f"{n}.scale"] = gptq.rtn(state[n], 6, None)
-    meta = {"model": dataclasses.asdict(TINY), "quantized": names, "tensors": {n: {"bits": 6} for n in names}}
-    return pack.pack_quantized(tensors, meta, level=3)[0]
+    tensors.update(lqer.correct({names[0]: state[names[0]]}, {names[0]: codes.weight(tensors, names[0])}, LQER))
+    bits = {f"{n}.codes": 6 for n in names} | {f"{names[0]}.lqer_a": LQER.a_bits, f"{names[0]}.lqer_b": LQER.b_bits}
+    layout = pack.zstd_layouts(tensors, bits, zstandard.ZstdCompressor(level=3))["best-alone"] | {SORTED: "sorted"}
+    plan = pack.Plan("fuzz", layout, {n: int(n == SORTED) for n in tensors}, (("brotli", 1), ("zstd", 2)))
+    return pack.assemble(tensors, bits, {"model": dataclasses.asdict(TINY), "quantized": names}, plan, zstandard.ZstdCompressor(level=3))
 
 
 def split(blob: bytes) -> tuple[dict, bytes]:
@@ -99,18 +109,25 @@ def mutate_payload(payload: bytes, rng: random.Random) -> tuple[bytes, str]:
 
 
 def bombs(header: dict, payload: bytes) -> list[tuple[str, bytes]]:
-    """The reported cases: a huge declared model; a payload of zeros far larger than its tensors."""
+    """The reported cases: a huge declared model; streams of zeros far larger than their tensors, in each codec;
+    an lrzip stream whose own header claims 900 MiB."""
     big = copy.deepcopy(header)
     big["meta"]["model"].update(dim=16384, layers=200)
-    zeros = copy.deepcopy(header)
-    zeros["payload_size"] = 900 << 20
-    zeros_z = zstandard.ZstdCompressor(level=1).compress(bytes(900 << 20))
+    out = [("model of dim 16384 x 200 layers", join(big, payload))]
+    mib = bytes(1 << 20)  # compressed a MiB at a time: this process holds no 900 MiB either
+    z, b = zstandard.ZstdCompressor(level=1).compressobj(), brotli.Compressor(quality=1)
+    zstd_zeros = b"".join(z.compress(mib) for _ in range(900)) + z.flush()
+    brotli_zeros = b"".join(b.process(mib) for _ in range(900)) + b.finish()
+    for codec, data in (("zstd", zstd_zeros), ("brotli", brotli_zeros), ("lrzip", b"LRZI\0\x06" + (900 << 20).to_bytes(8, "little") + bytes(64))):
+        bomb = copy.deepcopy(header)  # stream 0 declares its true payload size; its data holds 900 MiB
+        bomb["streams"][0].update(codec=codec, size=len(data))
+        out.append((f"900 MiB of zeros, {codec}", join(bomb, data + payload[header["streams"][0]["size"] :])))
     matching = copy.deepcopy(header)  # tensors that do cover 900 MiB: refused by size before decompressing
-    matching["tensors"].append({"name": "pad", "dtype": "float32", "shape": [225 << 20], "bits": 8, "filter": "raw",
-                                "offset": header["payload_size"], "length": 900 << 20})
-    matching["payload_size"] += 900 << 20
-    return [("model of dim 16384 x 200 layers", join(big, payload)), ("900 MiB of zeros", join(zeros, zeros_z)),
-            ("tensors of 900 MiB", join(matching, zeros_z))]
+    matching["tensors"].append({"name": "pad", "dtype": "float32", "shape": [225 << 20], "bits": 8, "filter": "raw", "stream": 0,
+                                "offset": header["streams"][0]["payload_size"], "length": 900 << 20})
+    matching["streams"][0]["payload_size"] += 900 << 20
+    out.append(("tensors of 900 MiB", join(matching, payload)))
+    return out
 
 
 def run(cases: int, seed: int) -> dict:
@@ -123,9 +140,12 @@ def run(cases: int, seed: int) -> dict:
     outcomes = {"refused": 0, "loaded": [], "other": []}
     mutants = [(f"bomb: {name}", b) for name, b in bombs(header, payload)]
     for i in range(cases):
-        if i % 5 == 4:
-            p, what = mutate_payload(payload, rng)
-            mutants.append((f"payload {what}", join(header, p)))
+        if i % 5 == 4:  # one stream's bytes replaced, its size updated so that the streams still tile the file
+            h, k = copy.deepcopy(header), rng.randrange(len(header["streams"]))
+            at = sum(st["size"] for st in header["streams"][:k])
+            p, what = mutate_payload(payload[at : at + h["streams"][k]["size"]], rng)
+            h["streams"][k]["size"] = len(p)
+            mutants.append((f"payload {what}", join(h, payload[:at] + p + payload[at + header["streams"][k]["size"] :])))
         else:
             h, what = mutate(header, rng)
             mutants.append(("; ".join(what), join(h, payload)))

@@ -1,7 +1,7 @@
 """Shared fixtures. Real challenge data comes from $PGOLF_FINEWEB_DIR or ../shared/data/fineweb.
 
-Tests that need it skip with the reason when it is absent, unless PGOLF_REQUIRE_DATA=1 (set by
-.ci/run) or CI is set: then its absence is a failure.
+Tests that need it, or the lrzip program, skip with the reason when it is absent, unless
+PGOLF_REQUIRE_DATA=1 (set by .ci/run, which also installs lrzip) or CI is set: then its absence is a failure.
 """
 from __future__ import annotations
 
@@ -32,6 +32,18 @@ def fineweb() -> Path:
             pytest.fail(msg)
         pytest.skip(msg)
     return path
+
+
+@pytest.fixture(scope="session")
+def lrzip() -> None:
+    """The lrzip program, for pack.compressor lrzip."""
+    import shutil
+
+    if shutil.which("lrzip") is None:
+        msg = "the lrzip program is not installed (apt-get install lrzip)"
+        if _required():
+            pytest.fail(msg)
+        pytest.skip(msg)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,9 @@ import hashlib
 import json
 import re
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,11 +65,14 @@ def _with_header(header: dict, header_len: int | None = None) -> bytes:
 def test_absurd_sizes_are_refused_before_allocating():
     with pytest.raises(InputError, match="header claims 4294967295 bytes"):
         artifact.unpack(_with_header({}, header_len=2**32 - 1))
-    with pytest.raises(InputError, match="payload claims 1099511627776 bytes"):
-        artifact.unpack(_with_header({"version": 1, "meta": {}, "payload_size": 2**40, "tensors": []}))
-    entry = {"name": "w", "dtype": "int8", "shape": [8], "bits": 8, "filter": "raw", "offset": 4, "length": 8}
-    with pytest.raises(InputError, match="outside the payload"):
-        artifact.unpack(_with_header({"version": 1, "payload_size": 8, "tensors": [entry], "meta": {}}))
+    stream = {"codec": "zstd", "shuffle": 1, "size": 17, "payload_size": 8}
+    with pytest.raises(InputError, match="streams claim over"):
+        artifact.unpack(_with_header({"version": 2, "meta": {}, "streams": [{**stream, "payload_size": 2**40}], "tensors": []}))
+    with pytest.raises(InputError, match="the streams take 9 bytes but the file holds 17"):
+        artifact.unpack(_with_header({"version": 2, "meta": {}, "streams": [{**stream, "size": 9}], "tensors": []}))
+    entry = {"name": "w", "dtype": "int8", "shape": [8], "bits": 8, "filter": "raw", "stream": 0, "offset": 4, "length": 8}
+    with pytest.raises(InputError, match="outside stream 0"):
+        artifact.unpack(_with_header({"version": 2, "meta": {}, "streams": [stream], "tensors": [entry]}))
     bomb = zstandard.ZstdCompressor().compress(b"\0" * (2 * artifact.MAX_HEADER))
     body = artifact.MAGIC + struct.pack("<I", len(bomb)) + bomb
     with pytest.raises(InputError, match="unreadable header"):
@@ -93,8 +99,27 @@ def test_pack_stage_round_trips_the_calibrated_tensors(packed):
     assert m["total_bytes"] == m["weight_bytes"] + m["code_bytes"] == (root / "artifacts/model.pgolf").stat().st_size + m["code_bytes"]
     code_files = json.loads((root / "reports/details/pack.json").read_text())["code_files"]
     assert set(code_files) == {"pgolf/artifact.py", "pgolf/codes.py", "pgolf/errors.py", "pgolf/model.py"}  # a self-contained loader
-    assert m["code_bytes"] <= 32_000  # the loader and the model with the record family's features, little else
-    assert m["code_bytes"] == sum(len((REPO / f).read_bytes()) for f in code_files)
+    assert m["code_bytes"] <= 40_000  # the loader (three codecs) and the model with the record family's features, little else
+    assert m["code"] == "raw" and m["code_bytes"] == m["code_bytes_raw"] == sum(len((REPO / f).read_bytes()) for f in code_files)
+    assert m["code_bytes_compressed"] < m["code_bytes_raw"] / 2
+
+
+def test_the_compressed_code_is_a_script_that_loads_the_artifact(packed, tmp_path):
+    # What pack.code: compressed counts must really be the loader: run it where pgolf is not importable.
+    root, _ = packed
+    from pgolf.sources import code_files, self_extracting
+    script = self_extracting(code_files(Path("pgolf/artifact.py")))
+    m = json.loads((root / "metrics/pack.json").read_text())
+    assert len(script) == m["code_bytes_compressed"]
+    (tmp_path / "loader.py").write_bytes(script)
+    probe = (f"import sys; sys.path = [p for p in sys.path if p not in ('', {str(REPO)!r})]; "
+             "sys.meta_path = [f for f in sys.meta_path if 'editable' not in str(f).lower()]; "
+             "exec(open('loader.py').read()); from pgolf.artifact import load_model; import torch; "
+             f"m = load_model({str(root / 'artifacts/model.pgolf')!r}); import pgolf.model as pm; "
+             "assert pm.__spec__.origin is None; print(float(m.tok_emb.weight.double().sum()))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout) == float(artifact.load_model(root / "artifacts/model.pgolf").tok_emb.weight.detach().double().sum())
 
 
 def test_over_budget_fails_with_the_bytes_over(packed):
@@ -114,3 +139,79 @@ def test_no_pickle_loading_anywhere_in_the_code():
     pattern = re.compile(r"pickle\.loads?\(|torch\.load\((?![^)]*weights_only=True)|allow_pickle=True")
     offenders = [str(p) for d in ("pgolf", "stages", "bench") for p in (REPO / d).rglob("*.py") if pattern.search(p.read_text())]
     assert offenders == []
+
+
+def test_similarity_order_is_the_records_greedy_chain():
+    g = torch.Generator().manual_seed(3)
+    m = torch.randint(-3, 4, (40, 12), generator=g, dtype=torch.int8).numpy()
+    m[7] = m[0]  # ties: the first of equals is taken
+    m[9] = m[0]
+    order, left = [0], set(range(1, len(m)))  # the plain definition: from row 0, always the nearest remaining row
+    while left:
+        cur = m[order[-1]].astype(int)
+        best = min(sorted(left), key=lambda r: int(abs(m[r].astype(int) - cur).sum()))
+        order.append(best)
+        left.remove(best)
+    assert pack.similarity_order(m).tolist() == order and order[1] == 7
+
+
+def test_byte_shuffle_is_every_strideth_byte_and_inverts():
+    data = bytes(range(11))
+    assert pack.shuffle(data, 2) == bytes([0, 2, 4, 6, 8, 10, 1, 3, 5, 7, 9])
+    for stride in (1, 2, 3, 8):
+        assert artifact.unshuffle(pack.shuffle(data * 7, stride), stride) == data * 7
+
+
+def _sorted_artifact() -> tuple[dict, bytes]:
+    tensors = sample_tensors()
+    plan = pack.Plan("test", {n: "sorted" if n == "w.codes" else "raw" for n in tensors}, {n: int(n == "w.codes") for n in tensors},
+                     (("zstd", 1), ("zstd", 2)))
+    blob = pack.assemble(tensors, {"w.codes": 5}, {}, plan, zstandard.ZstdCompressor(level=3))
+    return tensors, blob
+
+
+def _rewrite(blob: bytes, edit) -> bytes:
+    (n,) = struct.unpack_from("<I", blob, 8)
+    header = json.loads(zstandard.ZstdDecompressor().decompress(blob[12 : 12 + n]))
+    payload = edit(header, blob[12 + n : -32])
+    z = zstandard.ZstdCompressor().compress(json.dumps(header).encode())
+    body = artifact.MAGIC + struct.pack("<I", len(z)) + z + payload
+    return body + hashlib.sha256(body).digest()
+
+
+def test_sorted_tensors_round_trip_and_a_bad_row_order_is_refused():
+    tensors, blob = _sorted_artifact()
+    back, _ = artifact.unpack(blob)
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
+
+    def duplicate_row(header, payload):  # the order's stream re-written with its first row twice
+        size = header["streams"][0]["size"]
+        data = bytearray(zstandard.ZstdDecompressor().decompress(payload[:size]))
+        at = next(e for e in header["tensors"] if e["name"] == "w.codes.order")["offset"]
+        data[at : at + 2] = data[at + 2 : at + 4]
+        z = zstandard.ZstdCompressor().compress(bytes(data))
+        header["streams"][0]["size"] = len(z)
+        return z + payload[size:]
+
+    with pytest.raises(InputError, match="'w.codes.order' is not a permutation of its rows"):
+        artifact.unpack(_rewrite(blob, duplicate_row), "x.pgolf")
+
+    def drop_order(header, payload):
+        next(e for e in header["tensors"] if e["name"] == "w.codes.order")["name"] = "v.codes.order"
+        return payload
+
+    with pytest.raises(InputError, match="stored sorted: it needs a 2-D shape and an int16 w.codes.order"):
+        artifact.unpack(_rewrite(blob, drop_order), "x.pgolf")
+
+
+def test_an_lrzip_artifact_without_the_program_is_one_clear_error(tmp_path, monkeypatch, lrzip):
+    tensors = sample_tensors()
+    blob, report = pack.pack(tensors, {"w.codes": 5}, {}, 3, "lrzip")
+    assert report["layout"] == "lrzip per-group" and artifact.unpack(blob)[0].keys() == tensors.keys()
+    monkeypatch.setenv("PATH", str(tmp_path))  # no lrzip on it
+    with pytest.raises(InputError, match=r"x.pgolf: needs the lrzip program, which is not installed \(apt-get install lrzip\)"):
+        artifact.unpack(blob, "x.pgolf")
+    with pytest.raises(InputError, match="pack.compressor: needs the lrzip program"):
+        pack.pack(tensors, {"w.codes": 5}, {}, 3, "lrzip")
+    blob, report = pack.pack(tensors, {"w.codes": 5}, {}, 3, "auto")  # auto tries what is installed, and says so
+    assert report["compressors"]["lrzip"] == {"skipped": "the lrzip program is not installed"}

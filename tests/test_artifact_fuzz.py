@@ -3,6 +3,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -22,7 +23,8 @@ ZERO_ALREADY = tuple(f"zero meta.model.{k}" for k, v in dataclasses.asdict(artif
 
 
 def harmless(mutation: str) -> bool:
-    return mutation.split(" ", 1)[1].startswith(HARMLESS) or mutation in ZERO_ALREADY
+    # A stream index or offset set to zero loads only where it was zero already (else the streams no longer tile).
+    return mutation.split(" ", 1)[1].startswith(HARMLESS) or mutation in ZERO_ALREADY or re.fullmatch(r"zero tensors\.\d+\.(stream|offset)", mutation)
 
 
 def test_thousands_of_mutated_artifacts_are_refused_with_bounded_memory():
@@ -33,8 +35,8 @@ def test_thousands_of_mutated_artifacts_are_refused_with_bounded_memory():
     assert r["other"] == []  # every refusal is an InputError: one `error:` line, exit 2
     for case in r["loaded"]:  # what loads is a valid artifact: a payload bit flipped under a new checksum, or a harmless field
         assert case == "payload flip" or all(harmless(m) for m in case.split("; ")), case
-    assert r["cases"] == 2003 and r["refused"] >= 0.9 * r["cases"]
-    # The bombs declare a 16384 x 200 model and 900 MiB payloads; the process (torch included) stays small.
+    assert r["cases"] == 2005 and r["refused"] >= 0.9 * r["cases"]
+    # The bombs declare a 16384 x 200 model and 900 MiB streams in each codec; the process (torch included) stays small.
     assert r["max_rss_mb"] < 1024, r["max_rss_mb"]
 
 

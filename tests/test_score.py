@@ -1,4 +1,5 @@
 """Pass-1 scoring: the window plan, the batched scorer against a one-target-at-a-time reference, the stage."""
+import dataclasses
 import json
 import math
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from conftest import TINY_MODEL, default_params, make_data, run_stage
-from pgolf import artifact, pack, quantize, windows
+from pgolf import artifact, pack, params, quantize, windows
 from pgolf.bpb import ByteTables
 from pgolf.runtime import CPU
 from pgolf.validation import evaluate
@@ -167,7 +168,7 @@ def packed(tmp_path_factory, fineweb):
     with torch.no_grad():
         for param in model.parameters():
             param.normal_(0, 0.1)
-    q = QuantParams(**dict(p["quant"], method="rtn", bits=QuantBits(6, 6, 8)))
+    q = dataclasses.replace(params.section(p, "quant", QuantParams), method="rtn", bits=QuantBits(6, 6, 8))
     tensors, meta = quantize.quantize_model(model, {}, q)
     blob, _ = pack.pack_quantized(tensors, meta)
     (root / "artifacts").mkdir()
