@@ -15,6 +15,7 @@ import shutil
 import struct
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 from pathlib import Path
 
@@ -200,10 +201,12 @@ def _header(blob: bytes, where: str) -> tuple[dict, list[int]]:
 
 
 def _decode(blob: bytes, header: dict, starts: list[int], where: str) -> dict[str, torch.Tensor]:
-    payloads = []
-    for st, at in zip(header["streams"], starts):
+    def stream(st: dict, at: int) -> bytes:
         data = decompress(blob[at : at + st["size"]], st["codec"], st["payload_size"], where)
-        payloads.append(unshuffle(data, st["shuffle"]) if st["shuffle"] > 1 else data)
+        return unshuffle(data, st["shuffle"]) if st["shuffle"] > 1 else data
+
+    with ThreadPoolExecutor() as pool:  # the codecs (and the lrzip program) run outside the GIL
+        payloads = list(pool.map(stream, header["streams"], starts))
 
     def data(e: dict) -> bytes:
         return payloads[e["stream"]][e["offset"] : e["offset"] + e["length"]]

@@ -11,7 +11,7 @@ A stream is a run of filtered tensors, optionally byte-shuffled (the records' st
 and compressed by one codec. pack.compressor chooses the plans tried:
     zstd    one zstd stream, four filter layouts (the best-alone layout picks each tensor's smallest filter)
     brotli  one brotli-11 stream: the best zstd layout, and the records' raw bytes with the stride-2 shuffle
-    lrzip   per group (PR #1855): each matrix role's codes of every layer in one lrzip (ZPAQ) stream,
+    lrzip   per group (PR #1855): each matrix role's codes of every layer in one lrzip -z -L 9 -T (ZPAQ) stream,
             sorted or transposed, raw int8; the rest (scales, floats, factors, row orders) in one brotli stream
     auto    all of them
 """
@@ -24,6 +24,7 @@ import re
 import shutil
 import struct
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import brotli
 import numpy as np
@@ -163,10 +164,12 @@ def compress(data: bytes, codec: str, cctx: zstandard.ZstdCompressor) -> bytes:
         return cctx.compress(data)
     if codec == "brotli":
         return brotli.compress(data, quality=11, lgwin=24)
-    return lrzip(["-z", "-L", "9"], data, "pack.compressor")
+    # -T: no LZ4 pre-test. With the records' flags alone lrzip stores a group uncompressed whenever LZ4
+    # finds nothing to gain, which quantized codes often are (bench/pack.py), and ZPAQ never runs.
+    return lrzip(["-z", "-L", "9", "-T"], data, "pack.compressor")
 
 
-def assemble(tensors: dict[str, torch.Tensor], bits: dict[str, int], meta: dict, plan: Plan, cctx: zstandard.ZstdCompressor) -> bytes:
+def assemble(tensors: dict[str, torch.Tensor], bits: dict[str, int], meta: dict, plan: Plan, level: int) -> bytes:
     """The artifact of one plan. Tensors go into their stream grouped by dtype (codes, then row orders, float16,
     float32), which compresses better than any interleaving; row orders are computed here for sorted tensors."""
     tensors = dict(tensors)
@@ -184,14 +187,17 @@ def assemble(tensors: dict[str, torch.Tensor], bits: dict[str, int], meta: dict,
                         "stream": k, "offset": offsets[k], "length": len(data)})
         chunks[k].append(data)
         offsets[k] += len(data)
-    streams, blobs = [], []
-    for (codec, stride), parts in zip(plan.streams, chunks):
-        payload = b"".join(parts)
-        blob = compress(shuffle(payload, stride) if stride > 1 else payload, codec, cctx)
-        streams.append({"codec": codec, "shuffle": stride, "size": len(blob), "payload_size": len(payload)})
-        blobs.append(blob)
+    payloads = [b"".join(parts) for parts in chunks]
+
+    def compressed(k: int) -> bytes:  # a zstd context per stream: contexts are not shared across threads
+        (codec, stride), payload = plan.streams[k], payloads[k]
+        return compress(shuffle(payload, stride) if stride > 1 else payload, codec, zstandard.ZstdCompressor(level=level))
+
+    with ThreadPoolExecutor() as pool:  # the codecs (and the lrzip program) run outside the GIL
+        blobs = list(pool.map(compressed, range(len(payloads))))
+    streams = [{"codec": c, "shuffle": st, "size": len(b), "payload_size": len(p)} for (c, st), b, p in zip(plan.streams, blobs, payloads)]
     header = json.dumps({"version": 2, "meta": meta, "streams": streams, "tensors": entries}, separators=(",", ":"))
-    header_z = cctx.compress(header.encode())
+    header_z = zstandard.ZstdCompressor(level=level).compress(header.encode())
     body = MAGIC + struct.pack("<I", len(header_z)) + header_z + b"".join(blobs)
     return body + hashlib.sha256(body).digest()
 
@@ -215,7 +221,7 @@ def pack(tensors: dict[str, torch.Tensor], bits: dict[str, int], meta: dict, lev
     for codec, candidates in tried.items():
         t = time.perf_counter()
         for plan in candidates:
-            blob = assemble(tensors, bits, meta, dataclasses.replace(plan, filters=dict(plan.filters), stream=dict(plan.stream)), cctx)
+            blob = assemble(tensors, bits, meta, dataclasses.replace(plan, filters=dict(plan.filters), stream=dict(plan.stream)), level)
             sizes[plan.name] = len(blob)
             if best is None or len(blob) < len(best[1]):
                 best = (plan, blob)

@@ -49,7 +49,7 @@ def tiny_artifact() -> bytes:
     bits = {f"{n}.codes": 6 for n in names} | {f"{names[0]}.lqer_a": LQER.a_bits, f"{names[0]}.lqer_b": LQER.b_bits}
     layout = pack.zstd_layouts(tensors, bits, zstandard.ZstdCompressor(level=3))["best-alone"] | {SORTED: "sorted"}
     plan = pack.Plan("fuzz", layout, {n: int(n == SORTED) for n in tensors}, (("brotli", 1), ("zstd", 2)))
-    return pack.assemble(tensors, bits, {"model": dataclasses.asdict(TINY), "quantized": names}, plan, zstandard.ZstdCompressor(level=3))
+    return pack.assemble(tensors, bits, {"model": dataclasses.asdict(TINY), "quantized": names}, plan, 3)
 
 
 def split(blob: bytes) -> tuple[dict, bytes]:

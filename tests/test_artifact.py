@@ -166,7 +166,7 @@ def _sorted_artifact() -> tuple[dict, bytes]:
     tensors = sample_tensors()
     plan = pack.Plan("test", {n: "sorted" if n == "w.codes" else "raw" for n in tensors}, {n: int(n == "w.codes") for n in tensors},
                      (("zstd", 1), ("zstd", 2)))
-    blob = pack.assemble(tensors, {"w.codes": 5}, {}, plan, zstandard.ZstdCompressor(level=3))
+    blob = pack.assemble(tensors, {"w.codes": 5}, {}, plan, 3)
     return tensors, blob
 
 
