@@ -31,12 +31,13 @@ class VerifyParams:
     max_overhead: float  # cache seconds over neural scoring seconds
     strict: bool  # fail the stage, after writing the report, when a rule is broken
     max_train_seconds: float = 0.0  # training + Hessian collection on training data (challenge: 600 on 8xH100); 0 = no budget
+    max_eval_seconds: float = 0.0  # score + adapt + rescore (challenge: 600 on 8xH100); 0 = no budget
 
     def __post_init__(self) -> None:
         if (self.positions < 1 or self.audit_tokens < 0 or self.byte_limit < 1 or self.max_state_bytes < 1 or self.max_overhead <= 0
-                or self.max_train_seconds < 0):
+                or self.max_train_seconds < 0 or self.max_eval_seconds < 0):
             raise InputError("params.yaml: verify.positions, byte_limit, max_state_bytes and max_overhead must be positive, "
-                             "audit_tokens and max_train_seconds >= 0")
+                             "audit_tokens, max_train_seconds and max_eval_seconds >= 0")
 
 
 SUM_TOLERANCE = 1e-6
@@ -140,3 +141,90 @@ def decoded_bytes(decode: Callable[[list[int]], str], tokens: np.ndarray, starts
     """UTF-8 bytes of the documents tokens[starts[i]:starts[i+1]] decoded without their BOS."""
     ends = np.append(starts[1:], len(tokens))
     return sum(len(decode(tokens[a + 1 : b].tolist()).encode("utf-8")) for a, b in zip(starts, ends))
+
+
+# Black-box audits: they call the method only as run(stream) -> the probability it records for every target
+# 1..len(stream)-1 when it is handed `stream` alone, so the method never holds a token it should not see.
+
+
+def substitution(run: Callable[[np.ndarray], np.ndarray], tokens: np.ndarray, positions: np.ndarray, vocab: int, name: str = "substitution",
+                 batch: Callable[[np.ndarray], np.ndarray] | None = None, spot: int = 2, seed: int = 0) -> Rule:
+    """A full normalized distribution, measured without the method's cooperation.
+
+    At every audited target t and for every candidate v: stream = tokens[:t] + [v], p_v = run(stream)[t-1].
+    Passes when every p_v lies in [0, 1] and |Σ_v p_v − 1| <= SUM_TOLERANCE at every t. Nothing past the
+    candidate exists, so no method can peek. `batch(prefix)`, where given, is a faster path giving all
+    p_v at once (a state snapshot at t); it is trusted for nothing: `spot` random candidates per
+    position are run the plain way and must agree with it exactly.
+    """
+    rng = np.random.default_rng(seed)
+    worst_sum, outside, disagree, checked = 0.0, 0, 0, 0
+    for t in (int(t) for t in positions):
+        prefix = np.asarray(tokens[:t])
+        if batch is None:
+            p = np.array([run(np.append(prefix, v).astype(prefix.dtype))[t - 1] for v in range(vocab)], dtype=np.float64)
+        else:
+            p = np.asarray(batch(prefix), dtype=np.float64)
+            for v in rng.choice(vocab, min(spot, vocab), replace=False):
+                checked += 1
+                disagree += int(run(np.append(prefix, v).astype(prefix.dtype))[t - 1] != p[v])
+        outside += int(np.count_nonzero(~((p >= 0) & (p <= 1))))
+        worst_sum = max(worst_sum, abs(float(np.sum(p, dtype=np.float64)) - 1.0) if np.all(np.isfinite(p)) else float("inf"))
+    passed = worst_sum <= SUM_TOLERANCE and outside == 0 and disagree == 0
+    how = f"; the batched path disagreed with a plain run on {disagree} of {checked} spot candidates" if batch is not None else ""
+    return Rule(name, passed, worst_sum, SUM_TOLERANCE,
+                f"{len(positions)} positions x {vocab} candidates, each run on the stream cut after it: largest |sum - 1| = {worst_sum:.3g} "
+                f"(limit {SUM_TOLERANCE:g}), {outside} probabilities outside [0, 1]{how}")
+
+
+def cuts(n: int, count: int, seed: int = 0) -> np.ndarray:
+    """`count` cut points over targets 1..n-1: one in each of `count` equal spans, at a seeded random place."""
+    rng = np.random.default_rng(seed)
+    edges = np.linspace(1, n, count + 1).astype(int)
+    return np.unique([int(rng.integers(a, max(a + 1, b))) for a, b in zip(edges[:-1], edges[1:])])
+
+
+def causality_cuts(name: str, run: Callable[[np.ndarray], np.ndarray], tokens: np.ndarray, at: np.ndarray, seed: int = 0) -> Rule:
+    """Strict causality at several cuts across the stream: for each cut c, the tokens after target c are
+    replaced by random ones and every probability of targets 1..c must be bit-identical."""
+    base = run(tokens)
+    rng = np.random.default_rng(seed)
+    moved, worst = 0, None
+    for c in (int(c) for c in at):
+        changed = tokens.copy()
+        changed[c + 1 :] = rng.integers(0, int(tokens.max()) + 1, len(tokens) - c - 1)
+        n = int(np.count_nonzero(run(changed)[:c] != base[:c]))
+        moved += n
+        worst = c if n and worst is None else worst
+    return Rule(name, moved == 0, moved, 0, f"{len(at)} cuts across {len(tokens) - 1} targets: {moved} probabilities before a cut changed "
+                f"when the tokens after it did" + (f" (first at cut {worst})" if worst is not None else ""))
+
+
+def doc_isolation(name: str, run: Callable[[np.ndarray], np.ndarray], tokens: np.ndarray, bos: int, docs: int = 4, seed: int = 0) -> Rule:
+    """A per-document method scores each document alone: with every other document's tokens replaced
+    (its BOS and length kept), the chosen documents' probabilities must be bit-identical."""
+    from pgolf.windows import doc_starts  # audit.py stays free of the scorer's modules otherwise
+
+    starts = doc_starts(tokens, bos)
+    ends = np.append(starts[1:], len(tokens))
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(starts), min(docs, len(starts)), replace=False)
+    base, moved = run(tokens), 0
+    high = int(tokens.max()) + 1
+    for d in chosen:
+        changed = tokens.copy()
+        other = np.ones(len(tokens), dtype=bool)
+        other[starts[d] : ends[d]] = False
+        noise = rng.integers(0, high, len(tokens))
+        noise[noise == bos] = (bos + 1) % high  # no new documents
+        changed[other & (tokens != bos)] = noise[other & (tokens != bos)]
+        lo, hi = int(starts[d]), int(ends[d]) - 1  # document d's targets starts[d]+1 .. ends[d]-1, at index t - 1
+        moved += int(np.count_nonzero(run(changed)[lo:hi] != base[lo:hi]))
+    return Rule(name, moved == 0, moved, 0,
+                f"{len(chosen)} documents rescored with every other document's tokens replaced: {moved} of their probabilities changed")
+
+
+def in_range(name: str, prob: np.ndarray) -> Rule:
+    """Every recorded probability is a probability of something that happened: finite, in (0, 1]."""
+    bad = int(np.count_nonzero(~((prob > 0) & (prob <= 1))))
+    return Rule(name, bad == 0, bad, 0, f"{bad} of {len(prob):,} recorded probabilities outside (0, 1]")

@@ -36,8 +36,11 @@ class CacheParams:
     prior: float  # online: pseudo-count of the prior λ
     update_every: int  # online: λ is re-estimated after every this many scored tokens
     max_state_bytes: int  # cap on the cache's tables and λ state
+    input: str = "score"  # the neural records the cache mixes with: score (pass 1) | adapt (after test-time training)
 
     def __post_init__(self) -> None:
+        if self.input not in ("score", "adapt"):
+            raise InputError(f"params.yaml: cache.input is {self.input!r}; use score or adapt")
         if self.mix not in ("fixed", "online"):
             raise InputError(f"params.yaml: cache.mix is {self.mix!r}; use fixed or online")
         if not 1 <= self.max_order <= 16:
@@ -171,10 +174,11 @@ def rescore_reference(tokens: np.ndarray, model_prob: np.ndarray, entropy: np.nd
     return Rescored(prob, lam, ng, order, cache.state_bytes())
 
 
-def rescore(tokens: np.ndarray, model_prob: np.ndarray, entropy: np.ndarray, vocab: int, params: CacheParams) -> Rescored:
-    """rescore_reference's numbers for the whole stream at once."""
+def rescore(tokens: np.ndarray, model_prob: np.ndarray, entropy: np.ndarray, vocab: int, params: CacheParams, n_targets: int | None = None) -> Rescored:
+    """rescore_reference's numbers for the whole stream at once. The tables are sized for n_targets (default:
+    this stream's), so that a stream cut short can be scored as the first part of a longer one."""
     n_buckets = buckets(params)
-    ng = ngram.ngram_probs(tokens, vocab, params.max_order, capacities(vocab, len(tokens) - 1, params))
+    ng = ngram.ngram_probs(tokens, vocab, params.max_order, capacities(vocab, n_targets or len(tokens) - 1, params))
     if params.mix == "fixed":
         lam = np.full(len(ng.prob), params.lam)
     else:

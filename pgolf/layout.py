@@ -23,6 +23,7 @@ LOADER_MODULE = Path("pgolf/artifact.py")  # the loader; it and every pgolf modu
 
 EVAL = Path("eval")
 SCORES = EVAL / "score.parquet"  # pass-1 per-token records of the artifact's model
+ADAPTED = EVAL / "adapt.parquet"  # per-token records after score-first test-time training (pass 1's schema)
 RESCORES = EVAL / "rescore.parquet"  # per-token records after the causal cache
 REPORT = Path("reports") / "report.md"  # the human report
 PLOTS = Path("reports") / "plots"  # its figures as SVG: they render offline

@@ -39,6 +39,7 @@ def headline(pre: float, post: float, m: dict[str, dict], weight_bytes: int, cod
     return {
         "val_bpb_pre_quant": round(pre, 6), "val_bpb_post_quant": round(post, 6), "quant_penalty": round(post - pre, 6),
         "val_bpb_scored": m["score"]["val_bpb"], "scored_mode": m["score"]["mode"],
+        "val_bpb_adapt": m["adapt"]["val_bpb"], "adapt_gain": m["adapt"]["gain"], "ttt_method": m["adapt"]["method"],
         "val_bpb_cache": m["rescore"]["val_bpb"], "cache_gain": m["rescore"]["gain"],
         "artifact_bytes": weight_bytes + code_bytes, "weight_bytes": weight_bytes, "code_bytes": code_bytes,
         "state_bytes": state_bytes, "val_tokens": targets, "val_bytes": nbytes,
@@ -114,7 +115,9 @@ Revision `{r['revision']}`. Every figure below was measured by the report stage 
 | float checkpoint, non-overlapping {p['eval']['seq_len']} | {r['val_bpb_pre_quant']:.4f} |
 | packed artifact, non-overlapping {p['eval']['seq_len']} | {r['val_bpb_post_quant']:.4f} (quantization penalty {r['quant_penalty']:+.4f}) |
 | packed artifact, {r['scored_mode']} | {r['val_bpb_scored']:.4f} |
-| with the causal n-gram cache ({p['cache']['mix']}, orders 1..{p['cache']['max_order']}) | {r['val_bpb_cache']:.4f} (gain {r['cache_gain']:+.4f}) |
+| after test-time training ({r['ttt_method']}) | {r['val_bpb_adapt']:.4f} (gain {r['adapt_gain']:+.4f}) |
+| with the causal n-gram cache on {p['cache'].get('input', 'score')}'s records ({p['cache']['mix']}, orders 1..{p['cache']['max_order']}) \
+| {r['val_bpb_cache']:.4f} (gain {r['cache_gain']:+.4f}) |
 
 {r['val_tokens']:,} validation targets, {r['val_bytes']:,} bytes.
 
@@ -142,6 +145,6 @@ Revision `{r['revision']}`. Every figure below was measured by the report stage 
 `dvc repro` at revision `{r['revision']}`; seconds per stage: {secs}.
 
 ```json
-{json.dumps({k: p[k] for k in ('seed', 'model', 'train', 'quant', 'pack', 'eval', 'cache', 'verify') if k in p}, indent=2)}
+{json.dumps({k: p[k] for k in ('seed', 'model', 'train', 'quant', 'pack', 'eval', 'ttt', 'cache', 'verify') if k in p}, indent=2)}
 ```
 """

@@ -5,6 +5,7 @@ artifact's model, the cache is rerun, pass-1 windows are rescored, hashes are re
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,13 +14,14 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from pgolf import audit, cache, shards, windows
+from pgolf import audit, cache, shards, ttt, windows
 from pgolf.audit import Rule, VerifyParams
 from pgolf.cache import CacheParams
 from pgolf.doc_records import hash_doc
 from pgolf.model import GPT
 from pgolf.progress import Progress
 from pgolf.score import score_batch
+from pgolf.ttt import TTTParams
 
 
 @dataclass(frozen=True)
@@ -58,49 +60,121 @@ def model_dist(model: GPT, r: Records):
     return dist
 
 
-def pass1_causality(model: GPT, tokens: np.ndarray, plan: windows.Windows, positions: np.ndarray, cut: int, seed: int) -> Rule:
-    """Rescore, batched as pass 1 did, the windows of audited targets before the cut, with the tokens after
-    it replaced: the scores of targets before the cut must be bit-identical."""
-    targets = positions[positions <= cut]
-    sel = np.unique(np.searchsorted(plan.end, targets))
-    sub = windows.Windows(plan.begin[sel], plan.score_from[sel], plan.end[sel])
-    before = sub.targets(0, len(sub)) <= cut
+def adapt_rerun(model: GPT, r: Records, plan: windows.Windows, batch: int, seq_len: int, tp: TTTParams,
+                positions: np.ndarray) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """The report's own run of the adaptation on the real stream, from the artifact's model (changed in
+    place): every target's NLL, and the full distribution of the model that scored each audited target."""
+    at_window = dict(zip(positions.tolist(), np.searchsorted(plan.end, positions).tolist()))
+    dists: dict[int, np.ndarray] = {}
 
-    def run(toks: np.ndarray) -> np.ndarray:
-        return score_batch(model, toks, sub, 0, len(sub), torch.device("cpu"))[0].numpy()[before]
+    def before(i: int, j: int, m: GPT) -> None:
+        dist = model_dist(m, r)
+        dists.update({t: dist(t) for t, wi in at_window.items() if i <= wi < j})
 
-    rule = audit.causality("causality_pass1", run, tokens, cut, seed)
-    return Rule(rule.name, rule.passed, rule.figure, 0, f"{int(before.sum())} pass-1 scores of audited targets, {len(sub)} windows: {rule.detail}")
+    scores = [s[0] for _, _, s in ttt.chunk_sgd(model, r.tokens, plan, batch, seq_len, tp, torch.device("cpu"), before)]
+    return np.concatenate(scores), dists
 
 
-def scoring_rules(model: GPT, r: Records, plan: windows.Windows, vp: VerifyParams, cp: CacheParams,
-                  done: Progress) -> tuple[list[Rule], cache.Rescored]:
-    """normalization, causality_cache, single_pass, causality_pass1; and the cache's rerun on the real stream."""
-    positions, cut = audited(r, vp)
+def adapt_rules(model: GPT, r: Records, adapted_nll: np.ndarray, pass1_nll: np.ndarray, plan: windows.Windows, batch: int, seq_len: int,
+                tp: TTTParams, positions: np.ndarray) -> tuple[list[Rule], Callable[[int], np.ndarray]]:
+    """single_pass_adapt (the adapt stage's records equal the report's own run of the method, bit for bit) and
+    in_range_adapt; and the distribution behind each audited adapted record, for the cache's audits."""
+    if tp.method == "none":
+        rerun, dist = pass1_nll, model_dist(model, r)
+    else:
+        rerun, dists = adapt_rerun(model, r, plan, batch, seq_len, tp, positions)
+        dist = dists.__getitem__
+    differ = int(np.count_nonzero(rerun.astype(np.float32) != adapted_nll.astype(np.float32)))
+    return [Rule("single_pass_adapt", differ == 0, float(differ), 0,
+                 f"ttt.method {tp.method}: the adapt records equal the report's own score-first run from the artifact: {differ} of {len(rerun)} differ"),
+            audit.in_range("in_range_adapt", np.exp(-adapted_nll))], dist
+
+
+def pass1_causality(model: GPT, tokens: np.ndarray, plan: windows.Windows, positions: np.ndarray, at: np.ndarray, seed: int) -> Rule:
+    """At each cut, rescore (batched as pass 1 did) the windows of audited targets before it, with the tokens
+    after it replaced: their scores must be bit-identical. Windows are the plan's, fixed by the real stream."""
+    def run_cut(c: int):
+        targets = positions[positions <= c]
+        sel = np.unique(np.searchsorted(plan.end, targets))
+        sub = windows.Windows(plan.begin[sel], plan.score_from[sel], plan.end[sel])
+        before = sub.targets(0, len(sub)) <= c
+        return lambda toks: score_batch(model, toks, sub, 0, len(sub), torch.device("cpu"))[0].numpy()[before], int(before.sum())
+
+    moved, scores, rng = 0, 0, np.random.default_rng(seed)
+    for c in (int(c) for c in at):
+        run, n = run_cut(c)
+        changed = tokens.copy()
+        changed[c + 1 :] = rng.integers(0, int(tokens.max()) + 1, len(tokens) - c - 1)
+        moved += int(np.count_nonzero(run(tokens) != run(changed)))
+        scores += n
+    return Rule("causality_pass1", moved == 0, moved, 0, f"{len(at)} cuts across the stream, {scores} pass-1 scores of audited targets "
+                f"before them rescored with the tokens after the cut replaced: {moved} changed")
+
+
+def scoring_rules(model: GPT, r: Records, pass1_nll: np.ndarray, dist: Callable[[int], np.ndarray], plan: windows.Windows, vp: VerifyParams,
+                  cp: CacheParams, done: Progress) -> tuple[list[Rule], cache.Rescored]:
+    """normalization, substitution_cache, causality_cache, single_pass, causality_pass1, in_range_pass1,
+    in_range_cache; and the cache's rerun on the real stream. r holds the neural records the cache mixed
+    (pass 1's or the adapted ones) and dist(t) the full distribution behind each audited one."""
+    positions, _ = audited(r, vp)
+    at = audit.cuts(r.n + 1, CUTS, seed=3)
     model_prob = np.exp(-r.nll)
     scorer = cache.CacheScorer(model.p.vocab_size, r.n, cp, int(r.tokens[0]))
-    rules = [audit.normalization(scorer, r.tokens, positions, model_dist(model, r), model_prob, r.entropy, r.prob,
+    rules = [audit.normalization(scorer, r.tokens, positions, dist, model_prob, r.entropy, r.prob,
                                  Progress("report: normalization audit", int(positions.max()), "tokens"))]
     done.update(what="normalization")
+    rules.append(cache_substitution(r, positions[:: max(1, len(positions) // SUBSTITUTION_POSITIONS)], dist, model.p.vocab_size, cp))
+    done.update(what="substitution_cache")
     rng = np.random.default_rng(1)
-    prob_changed, ent_changed = model_prob.copy(), r.entropy.copy()
-    prob_changed[cut:] = rng.uniform(1e-4, 1, r.n - cut)  # a rerun of pass 1 would change these too
-    ent_changed[cut:] = rng.uniform(0, 6, r.n - cut).astype(r.entropy.dtype)
+    prob_noise, ent_noise = rng.uniform(1e-4, 1, r.n), rng.uniform(0, 6, r.n).astype(r.entropy.dtype)
     reruns: list[cache.Rescored] = []
 
     def rerun(toks: np.ndarray) -> np.ndarray:
-        same = np.array_equal(toks, r.tokens)
-        out = cache.rescore(toks, model_prob if same else prob_changed, r.entropy if same else ent_changed, model.p.vocab_size, cp)
+        # From the first changed token on, a rerun of pass 1 would change the model's numbers too.
+        changed = np.flatnonzero(toks != r.tokens)
+        first = int(changed[0]) - 1 if len(changed) else r.n
+        prob, ent = model_prob.copy(), r.entropy.copy()
+        prob[first:], ent[first:] = prob_noise[first:], ent_noise[first:]
+        out = cache.rescore(toks, prob, ent, model.p.vocab_size, cp)
         reruns.append(out)
         return out.prob
 
-    rules.append(audit.causality("causality_cache", rerun, r.tokens, cut))
+    rules.append(audit.causality_cuts("causality_cache", rerun, r.tokens, at))
     done.update(what="causality_cache")
     differ = int(np.count_nonzero(reruns[0].prob != r.prob))
     rules.append(Rule("single_pass", differ == 0, float(differ), 0, f"records equal one causal pass over the stream: {differ} of {r.n} differ"))
-    rules.append(pass1_causality(model, r.tokens, plan, positions, cut, 2))
+    rules.append(pass1_causality(model, r.tokens, plan, positions, at, 2))
+    rules += [audit.in_range("in_range_pass1", np.exp(-pass1_nll)), audit.in_range("in_range_cache", r.prob)]
     done.update(what="causality_pass1")
     return rules, reruns[0]
+
+
+CUTS = 4  # causality cuts, one in each quarter of the stream
+SUBSTITUTION_POSITIONS = 16  # of the audited positions, spread over the stream
+
+
+def cache_substitution(r: Records, positions: np.ndarray, dist, vocab: int, cp: CacheParams) -> Rule:
+    """audit.substitution on the cache: run(stream) is the rescore stage's own cache.rescore on the cut stream
+    (pass 1's recorded numbers before the candidate, the model's probability of the candidate at it); the
+    batched path walks a CacheScorer to each position once, and is spot-checked against those plain runs."""
+    model_prob = np.exp(-r.nll)
+    dists = {int(t): dist(int(t)) for t in positions}
+
+    def run(stream: np.ndarray) -> np.ndarray:  # the cache sizes its tables for the validation length it is told
+        t = len(stream) - 1
+        prob = np.append(model_prob[: t - 1], dists[t][int(stream[t])])
+        return cache.rescore(stream, prob, r.entropy[:t], vocab, cp, n_targets=r.n).prob
+
+    scorer, walked = cache.CacheScorer(vocab, r.n, cp, int(r.tokens[0])), [1]
+
+    def batch(prefix: np.ndarray) -> np.ndarray:
+        t = len(prefix)
+        for i in range(walked[0], t):  # the scorer's state after targets 1..t-1, as rescore had it
+            scorer.update(int(r.tokens[i]), float(model_prob[i - 1]), float(r.entropy[i - 1]))
+        walked[0] = t
+        return scorer.scores(dists[t], float(r.entropy[t - 1]))
+
+    return audit.substitution(run, r.tokens, np.sort(positions), vocab, "substitution_cache", batch=batch, spot=2)
 
 
 def calibration_hashes(train_shards: list, first_tokens: int, bos: int) -> np.ndarray:
@@ -110,15 +184,18 @@ def calibration_hashes(train_shards: list, first_tokens: int, bos: int) -> np.nd
     return np.array([hash_doc(prefix[a:b]) for a, b in zip(bounds[:-1], bounds[1:])], dtype=np.uint64)
 
 
-def budget_rules(artifact_bytes: int, state_bytes: int, overhead: float, train_seconds: float, vp: VerifyParams) -> list[Rule]:
-    """artifact_bytes, state_bytes, cache_overhead and training_budget against their verify.* limits."""
-    if vp.max_train_seconds:
-        budget = audit.at_most("training_budget", train_seconds, vp.max_train_seconds, "training + Hessian collection seconds")
-    else:
-        budget = Rule("training_budget", True, train_seconds, 0, f"{train_seconds:.2f} s of training + Hessians; no budget set (verify.max_train_seconds)")
+def budget_rules(artifact_bytes: int, state_bytes: int, overhead: float, train_seconds: float, eval_seconds: float, vp: VerifyParams) -> list[Rule]:
+    """artifact_bytes, state_bytes, cache_overhead, training_budget and eval_budget against their verify.* limits."""
+    def budget(name: str, seconds: float, limit: float, what: str, key: str) -> Rule:
+        if limit:
+            return audit.at_most(name, seconds, limit, f"{what} seconds")
+        return Rule(name, True, seconds, 0, f"{seconds:.2f} s of {what}; no budget set (verify.{key})")
+
     return [audit.at_most("artifact_bytes", artifact_bytes, vp.byte_limit, "artifact weights + code bytes"),
             audit.at_most("state_bytes", state_bytes, vp.max_state_bytes, "eval-time cache state, bytes"),
-            audit.at_most("cache_overhead", overhead, vp.max_overhead, "cache seconds / neural scoring seconds"), budget]
+            audit.at_most("cache_overhead", overhead, vp.max_overhead, "cache seconds / neural scoring seconds"),
+            budget("training_budget", train_seconds, vp.max_train_seconds, "training + Hessian collection", "max_train_seconds"),
+            budget("eval_budget", eval_seconds, vp.max_eval_seconds, "evaluation (score + adapt + rescore)", "max_eval_seconds")]
 
 
 def data_rules(doc_index: Path, quant_meta: dict, shards_dir: Path, r: Records, decode, nbytes: np.ndarray) -> list[Rule]:

@@ -168,13 +168,15 @@ class Totals:
 
 
 def write_records(
-    model: GPT, tokens: np.ndarray, w: Windows, batch: int, tables: ByteTables, bos_id: int, d: Dist, path: Path | None, progress: Progress | None = None
+    model: GPT, tokens: np.ndarray, w: Windows, batch: int, tables: ByteTables, bos_id: int, d: Dist, path: Path | None, progress: Progress | None = None,
+    scores: Iterator[tuple[int, int, np.ndarray]] | None = None,
 ) -> Totals | None:
     """Score every window, streaming the records to `path` (None: nowhere) on rank 0; the totals there.
 
-    Every process calls it; the others compute their batches, hand them over and return None.
+    Every process calls it; the others compute their batches, hand them over and return None. `scores`
+    replaces pass 1's batches with another scorer's (i, j, [2, targets]) in window order (adaptation).
     """
-    stream = score_stream(model, tokens, w, batch, d)
+    stream = score_stream(model, tokens, w, batch, d) if scores is None else scores
     if not d.main:
         for _ in stream:
             pass

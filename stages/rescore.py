@@ -1,6 +1,6 @@
-"""Stage 6: pass-1 records + val shards -> the causal n-gram cache's records and BPB.
+"""Stage 6: pass-1 (or adapted) records + val shards -> the causal n-gram cache's records and BPB.
 
-python -m stages.rescore    (reads params.yaml: cache)
+python -m stages.rescore    (reads params.yaml: cache; cache.input says whose records: score or adapt)
 One pass over the validation stream: each target's probability is fixed before its token is counted.
 """
 import time
@@ -13,7 +13,7 @@ from pgolf import cache, params, shards
 from pgolf.bpb import bits_per_byte
 from pgolf.errors import InputError
 from pgolf.files import staged, write_json
-from pgolf.layout import DETAILS, METRICS, RESCORES, SCORES, SHARDS
+from pgolf.layout import ADAPTED, DETAILS, METRICS, RESCORES, SCORES, SHARDS
 from pgolf.cache import CacheParams
 from pgolf.stage import run_stage
 
@@ -31,16 +31,17 @@ SCHEMA = pa.schema(
 
 def main() -> None:
     cp = params.section(params.load(), "cache", CacheParams)
-    if not SCORES.is_file():
-        raise InputError(f"{SCORES}: no pass-1 records (run the score stage)")
-    rec = pq.read_table(SCORES, columns=["position", "target", "nll", "entropy", "bytes"])
+    source = SCORES if cp.input == "score" else ADAPTED
+    if not source.is_file():
+        raise InputError(f"{source}: no neural records (run the {cp.input} stage)")
+    rec = pq.read_table(source, columns=["position", "target", "nll", "entropy", "bytes"])
     vocab = int((rec.schema.metadata or {}).get(b"vocab_size", 0))
     tokens = shards.split_tokens(SHARDS, "val")
     position = rec.column("position").to_numpy()
     if len(position) != len(tokens) - 1 or not np.array_equal(position, np.arange(1, len(tokens))):
-        raise InputError(f"{SCORES}: records do not cover targets 1..{len(tokens) - 1} of {SHARDS} once each, in order")
+        raise InputError(f"{source}: records do not cover targets 1..{len(tokens) - 1} of {SHARDS} once each, in order")
     if not np.array_equal(rec.column("target").to_numpy(), tokens[1:]) or vocab <= int(tokens.max()):
-        raise InputError(f"{SCORES}: the records' targets or vocab_size do not match the validation shards in {SHARDS}")
+        raise InputError(f"{source}: the records' targets or vocab_size do not match the validation shards in {SHARDS}")
     nll = rec.column("nll").to_numpy().astype(np.float64)
     n_bytes = int(rec.column("bytes").to_numpy().sum(dtype=np.int64))
     t = time.perf_counter()
@@ -57,6 +58,7 @@ def main() -> None:
         "seconds": round(seconds, 3),
         "tokens_per_s": round(len(nll) / seconds, 1),
         "tokens": len(nll),
+        "input": cp.input,
         "mix": cp.mix,
         "max_order": cp.max_order,
         "mean_lam": round(float(out.lam.mean()), 6),

@@ -160,7 +160,7 @@ def pipeline(tmp_path_factory, fineweb):
     p["quant"].update(calib_seqs=8, seq_len=32)
     p["eval"].update(seq_len=64, stride=16, batch=32)
     p["verify"].update(positions=16)
-    run_stages(root, p, "tokenize", "train", "calibrate", "pack", "score", "rescore")
+    run_stages(root, p, "tokenize", "train", "calibrate", "pack", "score", "adapt", "rescore")
     return root, p
 
 
@@ -172,8 +172,11 @@ def test_the_real_pipeline_passes_every_rule(pipeline):
     rules = json.loads((root / "reports/details/report.json").read_text())["rules"]
     assert report["passed"] and all(r["passed"] for r in rules.values()) and report["rules_passed"] == report["rules"] == len(rules)
     assert all(not isinstance(v, (dict, list)) for v in report.values())  # flat headline figures for dvc metrics show
-    assert set(rules) >= {"normalization", "causality_cache", "causality_pass1", "single_pass", "artifact_bytes",
-                                    "state_bytes", "cache_overhead", "training_budget", "val_not_in_train", "val_not_in_calibration", "bytes_are_utf8"}
+    assert set(rules) == {"single_pass_adapt", "in_range_adapt", "normalization", "substitution_cache", "causality_cache", "causality_pass1",
+                          "single_pass", "in_range_pass1", "in_range_cache",
+                          "artifact_bytes", "state_bytes", "cache_overhead", "training_budget", "eval_budget", "val_not_in_train",
+                          "val_not_in_calibration", "bytes_are_utf8"}
+    assert "disagreed with a plain run on 0 of" in rules["substitution_cache"]["detail"] and "4 cuts" in rules["causality_cache"]["detail"]
     for key in ("val_bpb_pre_quant", "val_bpb_post_quant", "quant_penalty", "val_bpb_scored", "val_bpb_cache", "cache_gain",
                 "artifact_bytes", "code_bytes", "weight_bytes", "state_bytes"):
         assert key in report

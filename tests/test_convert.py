@@ -137,7 +137,7 @@ def test_the_dvc_way_imports_instead_of_training(tmp_path, fineweb):
     p["quant"].update(calib_seqs=8, seq_len=32)
     p["eval"].update(seq_len=32, stride=16, doc_isolated=True)
     p["verify"].update(positions=8, audit_tokens=2000)
-    run_stages(root, p, "tokenize", "train", "calibrate", "pack", "score", "rescore", "report")
+    run_stages(root, p, "tokenize", "train", "calibrate", "pack", "score", "adapt", "rescore", "report")
 
     train = json.loads((root / "metrics/train.json").read_text())
     assert train["steps"] == 0 and train["stopped_by"] == "imported" and train["params"] == sum(v.numel() for v in state.values())

@@ -143,7 +143,7 @@ def test_calibrate_with_the_records_settings_reads_no_data_and_packs_every_way(t
     model = artifact.load_model(root / "artifacts/model.pgolf")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), codes.model_from_tensors(tensors, meta).state_dict().values()))
     p["pack"]["code"] = "compressed"
-    run_stages(root, p, "pack", "score", "rescore", "report")
+    run_stages(root, p, "pack", "score", "adapt", "rescore", "report")
     pm = json.loads((root / "metrics/pack.json").read_text())
     assert pm["code_bytes"] == pm["code_bytes_compressed"] < pm["code_bytes_raw"]
     report = json.loads((root / "metrics/report.json").read_text())

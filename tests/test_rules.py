@@ -25,11 +25,12 @@ def test_audited_positions_cover_document_0_and_a_seeded_sample():
 
 
 def test_budget_rules_hold_each_figure_to_its_limit():
-    passed = [r.passed for r in rules.budget_rules(100, 11, 1.0, 650.0, VP)]
-    assert passed == [True, False, True, True]  # no training budget set: the seconds are reported, not held
-    budgeted = dataclasses.replace(VP, max_train_seconds=600.0)
-    over, within = rules.budget_rules(100, 1, 1.0, 600.5, budgeted)[3], rules.budget_rules(100, 1, 1.0, 599.5, budgeted)[3]
-    assert over.name == "training_budget" and not over.passed and within.passed and over.limit == 600.0
+    passed = [r.passed for r in rules.budget_rules(100, 11, 1.0, 650.0, 900.0, VP)]
+    assert passed == [True, False, True, True, True]  # no time budgets set: the seconds are reported, not held
+    budgeted = dataclasses.replace(VP, max_train_seconds=600.0, max_eval_seconds=600.0)
+    over, within = rules.budget_rules(100, 1, 1.0, 600.5, 600.5, budgeted), rules.budget_rules(100, 1, 1.0, 599.5, 599.5, budgeted)
+    for k, name in ((3, "training_budget"), (4, "eval_budget")):
+        assert over[k].name == name and not over[k].passed and within[k].passed and over[k].limit == 600.0
 
 
 def test_data_rules_catch_validation_in_training_and_calibration(tmp_path):
@@ -51,7 +52,7 @@ def test_data_rules_catch_validation_in_training_and_calibration(tmp_path):
 
 
 def test_headline_and_markdown_carry_every_rule():
-    m = {"score": {"val_bpb": 2.0, "mode": "sliding-64"}, "rescore": {"val_bpb": 1.7, "gain": 0.3}}
+    m = {"score": {"val_bpb": 2.0, "mode": "sliding-64"}, "adapt": {"val_bpb": 2.0, "gain": 0.0, "method": "none"}, "rescore": {"val_bpb": 1.7, "gain": 0.3}}
     checked = [Rule("a", True, 0.0, 1.0, "fine"), Rule("b", False, 2.0, 1.0, "broken")]
     h = report.headline(2.1, 2.2, m, 900, 100, 5, 10, 30, checked)
     assert h["artifact_bytes"] == 1000 and h["rules_passed"] == 1 and not h["passed"] and round(h["quant_penalty"], 6) == 0.1

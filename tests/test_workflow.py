@@ -17,7 +17,7 @@ import yaml
 
 from conftest import REPO, default_params, shards_params
 
-ALL = ["tokenize", "train", "calibrate", "pack", "score", "rescore", "report"]
+ALL = ["tokenize", "train", "calibrate", "pack", "score", "adapt", "rescore", "report"]
 GIT = ["git", "-c", "user.name=pgolf-test", "-c", "user.email=test@pgolf.invalid"]
 
 
@@ -80,10 +80,11 @@ def test_a_second_repro_has_nothing_to_do(repo):
         ("quant", "bits.mlp", 5, ALL[2:]),
         ("pack", "level", 19, ALL[3:]),
         ("eval", "stride", 8, ALL[4:]),
-        ("cache", "lam", 0.1, ALL[5:]),
+        ("ttt", "epochs", 2, ALL[5:]),
+        ("cache", "lam", 0.1, ALL[6:]),
         ("model", "dim", 32, ALL[1:]),
         ("train", "iterations", 3, ALL[1:]),
-        ("verify", "positions", 5, ALL[6:]),
+        ("verify", "positions", 5, ALL[7:]),
     ],
 )
 def test_a_param_reruns_only_what_lies_downstream(repo, section, key, value, expected):
@@ -104,7 +105,8 @@ def test_a_param_reruns_only_what_lies_downstream(repo, section, key, value, exp
 
 @pytest.mark.parametrize(
     "module,expected",
-    [("pgolf/cache.py", ALL[5:]), ("pgolf/ngram.py", ALL[5:]), ("pgolf/windows.py", ALL[4:]), ("pgolf/gptq.py", ALL[2:]), ("pgolf/audit.py", ALL[6:])],
+    [("pgolf/cache.py", ALL[6:]), ("pgolf/ngram.py", ALL[6:]), ("pgolf/windows.py", ALL[4:]), ("pgolf/gptq.py", ALL[2:]), ("pgolf/audit.py", ALL[7:]),
+     ("pgolf/ttt.py", ALL[5:])],
 )
 def test_a_module_reruns_only_the_stages_that_import_it(repo, module, expected):
     path = repo / module
@@ -118,7 +120,7 @@ def test_a_module_reruns_only_the_stages_that_import_it(repo, module, expected):
 
 @pytest.mark.parametrize(
     "module,cls,expected",
-    [("pgolf/cache.py", "CacheParams", ALL[5:]), ("pgolf/audit.py", "VerifyParams", ALL[6:]), ("pgolf/score.py", "EvalParams", ALL[4:]),
+    [("pgolf/cache.py", "CacheParams", ALL[6:]), ("pgolf/audit.py", "VerifyParams", ALL[7:]), ("pgolf/score.py", "EvalParams", ALL[4:]),
      ("pgolf/quantize.py", "QuantParams", ALL[2:]), ("pgolf/pack.py", "PackParams", ALL[3:])],
 )
 def test_a_new_knob_in_one_section_reruns_only_the_stages_that_read_it(repo, module, cls, expected):

@@ -1,0 +1,83 @@
+"""Score-first test-time training on the comparison model: pass 1 against chunk_sgd, each with and without the cache.
+
+python -m bench.ttt [--fineweb DIR]
+
+The model is bench/train.py's comparison model (seed 1337, 300 steps; trained first when runs/bench/ does
+not hold it), float weights. Validation: the 450 shared FineWeb documents (sp1024), windows of 256 with
+stride 64 (the demo's eval). chunk_sgd at params.yaml's ttt settings and two variants; the cache at
+params.yaml's cache settings on each method's records. Seconds are wall time on this machine, the
+cache's on top of the method's. Saves bench/results/ttt.json.
+"""
+import argparse
+import copy
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.common import FINEWEB, REPO, save
+from bench.train import CACHE, comparison_data, comparison_params
+from pgolf import cache, checkpoint, params, shards, trainer, ttt, windows
+from pgolf.bpb import ByteTables, bits_per_byte
+from pgolf.cache import CacheParams
+from pgolf.runtime import CPU
+from pgolf.score import score_stream
+from pgolf.ttt import TTTParams
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--fineweb", type=Path, default=FINEWEB)
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ttt.json")
+    args = ap.parse_args()
+    p = params.load(REPO / "params.yaml")
+    base_tp = dataclasses.replace(params.section(p, "ttt", TTTParams), method="chunk_sgd")
+    cp = params.section(p, "cache", CacheParams)
+    cached = CACHE / "model_1337_300.safetensors"
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        shards_dir = comparison_data(args.fineweb, Path(tmp))
+        if cached.is_file():
+            model, _ = checkpoint.load_model(cached)
+        else:
+            model_p, train_p = comparison_params(300)
+            model = trainer.build(model_p, 1337, CPU.device)
+            trainer.train(model, train_p, CPU, shards_dir, Path(tmp) / "run", 1337)
+            checkpoint.save_model(cached, model)
+        model.eval()
+        tokens = shards.split_tokens(shards_dir, "val")
+    tables = ByteTables.from_sentencepiece(args.fineweb / "tokenizers" / "fineweb_1024_bpe.model")
+    plan = windows.plan(tokens, 256, 64)
+    nbytes = int(tables.target_bytes(tokens[:-1], tokens[1:]).sum())
+    print(f"{len(tokens) - 1:,} targets, {nbytes:,} bytes, {len(plan):,} windows")
+
+    def measure(name: str, scores, tp: TTTParams | None) -> None:
+        t = time.perf_counter()
+        out = np.concatenate([s for _, _, s in scores], axis=1)
+        seconds = time.perf_counter() - t
+        bpb = bits_per_byte(float(out[0].astype(np.float64).sum()), nbytes)
+        t = time.perf_counter()
+        mixed = cache.rescore(tokens, np.exp(-out[0].astype(np.float64)), out[1], model.p.vocab_size, cp)
+        cache_s = time.perf_counter() - t
+        row = {"method": name, "val_bpb": round(bpb, 5), "seconds": round(seconds, 1), "val_bpb_cache": round(bits_per_byte(float(mixed.nll.sum()), nbytes), 5),
+               "cache_seconds": round(cache_s, 2), "ttt": dataclasses.asdict(tp) if tp else None}
+        rows.append(row)
+        print(f"{name:<40} val_bpb {row['val_bpb']:.4f} ({seconds:6.1f}s)  with the cache {row['val_bpb_cache']:.4f} (+{cache_s:.2f}s)", flush=True)
+
+    measure("pass 1", score_stream(model, tokens, plan, 256, CPU), None)
+    variants = [("chunk_sgd (params.yaml)", base_tp), ("chunk_sgd lr 0.005", dataclasses.replace(base_tp, lr=0.005)),
+                ("chunk_sgd 1 epoch", dataclasses.replace(base_tp, epochs=1)), ("chunk_sgd last 2 blocks", dataclasses.replace(base_tp, blocks=2))]
+    for name, tp in variants:
+        m = copy.deepcopy(model)
+        measure(name, ttt.chunk_sgd(m, tokens, plan, 256, 256, tp, torch.device("cpu")), tp)
+    base = rows[0]
+    for r in rows:
+        r["gain"] = round(base["val_bpb"] - r["val_bpb"], 5)
+    save({"targets": len(tokens) - 1, "bytes": nbytes, "rows": rows}, args.out)
+
+
+if __name__ == "__main__":
+    main()
