@@ -207,7 +207,7 @@ def test_metrics_are_flat_and_the_documented_views_are_readable(repo):
     for path in (repo / "metrics").glob("*.json"):
         assert all(not isinstance(v, (dict, list)) for v in json.loads(path.read_text()).values()), path
     shown = sh(dvc("metrics", "show"), repo)
-    assert max(len(line) for line in shown.splitlines()) < 1200  # it was 6,000 with nested details
+    assert max(len(line) for line in shown.splitlines()) < 1600  # it was 6,000 with nested details (now: every stage's flat figures in one row)
     env_narrow = sh(["env", "COLUMNS=80", *dvc("exp", "show", "--md", "--drop", ".*", "--keep", "Experiment|Created|seed|val_bpb", "--no-pager")], repo)
     header = env_narrow.splitlines()[0]
     assert "…" not in env_narrow and all(k in header for k in ("val_bpb_scored", "val_bpb_cache", "seed"))
