@@ -20,7 +20,8 @@ from pgolf.cache import CacheParams
 from pgolf.doc_records import hash_doc
 from pgolf.model import GPT
 from pgolf.progress import Progress
-from pgolf.score import score_batch
+from pgolf.runtime import CPU
+from pgolf.score import score_batch, score_stream
 from pgolf.ttt import TTTParams
 
 
@@ -147,6 +148,16 @@ def scoring_rules(model: GPT, r: Records, pass1_nll: np.ndarray, dist: Callable[
     rules += [audit.in_range("in_range_pass1", np.exp(-pass1_nll)), audit.in_range("in_range_cache", r.prob)]
     done.update(what="causality_pass1")
     return rules, reruns[0]
+
+
+def pass1_isolation(model: GPT, tokens: np.ndarray, seq_len: int, stride: int, batch: int, bos: int) -> Rule:
+    """doc_isolation on pass 1 with eval.doc_isolated: the whole stream scored as the score stage does (its
+    plan rebuilt from each stream), two documents' records unchanged when every other document changes."""
+    def run(stream: np.ndarray) -> np.ndarray:
+        plan = windows.plan(stream, seq_len, stride, True, bos)
+        return np.exp(-np.concatenate([s[0] for _, _, s in score_stream(model, stream, plan, batch, CPU)]).astype(np.float64))
+
+    return audit.doc_isolation("doc_isolation_pass1", run, tokens, bos, docs=2)
 
 
 CUTS = 4  # causality cuts, one in each quarter of the stream

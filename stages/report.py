@@ -70,6 +70,8 @@ def main() -> None:
     dist = rules.model_dist(model, r) if cp.input == "score" else adapted_dist
     scoring, rerun = rules.scoring_rules(model, r, pass1_nll, dist, plan, vp, cp, steps)
     checked += scoring
+    if ev.doc_isolated:  # a per-document scorer: other documents must not move its records
+        checked.append(rules.pass1_isolation(model, tokens, ev.seq_len, ev.stride, ev.batch, r.bos))
     files = code_files(LOADER_MODULE)  # re-counted here, the way pack says it counted (raw source or the compressed script)
     artifact_bytes = ARTIFACT.stat().st_size + (len(self_extracting(files)) if m["pack"].get("code") == "compressed" else code_bytes(files))
     train_seconds = m["train"]["train_seconds"] + m["quant"]["hessian_seconds"]  # what the challenge's 600 s covers
