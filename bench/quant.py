@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 from bench.common import FINEWEB, REPO, save
-from bench.train import CACHE, comparison_data, comparison_params
-from pgolf import checkpoint, codes, lqer, pack, params, quantize, shards, trainer
+from bench.train import comparison_data, comparison_model
+from pgolf import codes, lqer, pack, params, quantize, shards
 from pgolf.bpb import ByteTables
 from pgolf.loader import TokenStream
 from pgolf.lqer import LqerParams
@@ -42,21 +42,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quant.json")
     args = ap.parse_args()
     d = CPU
-    cached = CACHE / "model_1337_300.safetensors"
     base = params.section(params.load(REPO / "params.yaml"), "quant", QuantParams)
     base = dataclasses.replace(base, method="gptq", clip="search", embed_hessian="per_row", calibration="train", calib_seqs=64, seq_len=256,
                                lqer=dataclasses.replace(LQER, rank=0))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         shards_dir = comparison_data(args.fineweb, Path(tmp))
-        if cached.is_file():
-            model, _ = checkpoint.load_model(cached)
-        else:
-            model_p, train_p = comparison_params(300)
-            model = trainer.build(model_p, 1337, d.device)
-            trainer.train(model, train_p, d, shards_dir, Path(tmp) / "run", 1337)
-            checkpoint.save_model(cached, model)
-        model.eval()
+        model = comparison_model(shards_dir, Path(tmp))
         tables = ByteTables.from_sentencepiece(args.fineweb / "tokenizers" / "fineweb_1024_bpe.model")
         val = validation_tokens(shards_dir, 256, 262_144)
         _, float_bpb = evaluate(model, val, 256, 64, tables, d)

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 
 from bench.common import FINEWEB, REPO, save
-from bench.train import CACHE, comparison_data, comparison_params
-from pgolf import artifact, checkpoint, pack, params, quantize, runtime, shards, trainer, windows
+from bench.train import comparison_data, comparison_model
+from pgolf import artifact, pack, params, quantize, runtime, shards, windows
 from pgolf.bpb import ByteTables
 from pgolf.runtime import CPU
 from pgolf.loader import TokenStream
@@ -51,15 +51,7 @@ SPEED_TARGETS = 262_144
 
 def artifact_blob(shards_dir: Path, tmp: Path) -> bytes:
     """The comparison model as the pipeline would submit it: GPTQ at the quant defaults, packed."""
-    cached = CACHE / "model_1337_300.safetensors"
-    d = CPU
-    if cached.is_file():
-        model, _ = checkpoint.load_model(cached)
-    else:
-        model_p, train_p = comparison_params(300)
-        model = trainer.build(model_p, 1337, d.device)
-        trainer.train(model, train_p, d, shards_dir, tmp / "run", 1337)
-        checkpoint.save_model(cached, model)
+    model = comparison_model(shards_dir, tmp)
     q = params.section(params.load(REPO / "params.yaml"), "quant", QuantParams)
     calib = TokenStream(shards.list_shards(shards_dir, "train")).take(q.calib_seqs * q.seq_len + 1)
     hessians = quantize.collect_hessians(model, calib[:-1].reshape(q.calib_seqs, -1), calib[1:].reshape(q.calib_seqs, -1))

@@ -46,6 +46,20 @@ def comparison_params(steps: int) -> tuple[ModelParams, TrainParams]:
     return model_p, train_p
 
 
+def comparison_model(shards_dir: Path, scratch: Path) -> torch.nn.Module:
+    """The comparison model (seed 1337, 300 steps), from runs/bench/ where this benchmark left it, else trained now
+    on shards_dir (about 4 minutes on 2 cores) and left there."""
+    cached = CACHE / "model_1337_300.safetensors"
+    if cached.is_file():
+        model, _ = checkpoint.load_model(cached)
+    else:
+        model_p, train_p = comparison_params(300)
+        model = trainer.build(model_p, 1337, CPU.device)
+        trainer.train(model, train_p, CPU, shards_dir, scratch / "run", 1337)
+        checkpoint.save_model(cached, model)
+    return model.eval()
+
+
 def comparison_data(fineweb: Path, out: Path) -> Path:
     """Shards of the set-up: validation = the 450 val_head documents, training = extra_docs."""
     files = [DocFile(fineweb / "val_head_docs.jsonl", "jsonl"), DocFile(fineweb / "extra_docs.jsonl", "jsonl")]

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from bench.common import FINEWEB, REPO, save
-from bench.train import CACHE, comparison_data, comparison_params
-from pgolf import cache, checkpoint, params, shards, trainer, ttt, windows
+from bench.train import comparison_data, comparison_model
+from pgolf import cache, params, shards, ttt, windows
 from pgolf.bpb import ByteTables, bits_per_byte
 from pgolf.cache import CacheParams
 from pgolf.runtime import CPU
@@ -36,18 +36,10 @@ def main() -> None:
     p = params.load(REPO / "params.yaml")
     base_tp = dataclasses.replace(params.section(p, "ttt", TTTParams), method="chunk_sgd")
     cp = params.section(p, "cache", CacheParams)
-    cached = CACHE / "model_1337_300.safetensors"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         shards_dir = comparison_data(args.fineweb, Path(tmp))
-        if cached.is_file():
-            model, _ = checkpoint.load_model(cached)
-        else:
-            model_p, train_p = comparison_params(300)
-            model = trainer.build(model_p, 1337, CPU.device)
-            trainer.train(model, train_p, CPU, shards_dir, Path(tmp) / "run", 1337)
-            checkpoint.save_model(cached, model)
-        model.eval()
+        model = comparison_model(shards_dir, Path(tmp))
         tokens = shards.split_tokens(shards_dir, "val")
     tables = ByteTables.from_sentencepiece(args.fineweb / "tokenizers" / "fineweb_1024_bpe.model")
     plan = windows.plan(tokens, 256, 64)
