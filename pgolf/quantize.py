@@ -111,7 +111,6 @@ def sample(model: GPT, seqs: int, seq_len: int, temperature: float, seed: int, b
     return out
 
 
-
 def tensor_class(name: str) -> str | None:
     """attn | mlp | embed for quantized tensors, None for tensors kept in float."""
     if name in ("tok_emb.weight", "lm_head.weight"):

@@ -111,7 +111,6 @@ def make_data(root: Path, fineweb: Path) -> Path:
     return root
 
 
-
 def shards_params(fineweb: Path, src: Path, val_tokens: int, train_tokens: int) -> dict:
     """Default params with data.source = shards: the FineWeb sample cut at document boundaries into a
     val shard of about val_tokens and a train shard of the next documents up to train_tokens, in src."""
