@@ -21,7 +21,8 @@ from pgolf.doc_records import hash_doc
 from pgolf.model import GPT
 from pgolf.progress import Progress
 from pgolf.runtime import CPU
-from pgolf.score import score_batch, score_stream
+from pgolf.score import EvalParams, score_batch, score_stream
+from pgolf.tilt import Tilt, tilted
 from pgolf.ttt import TTTParams
 
 
@@ -50,18 +51,22 @@ def audited(r: Records, vp: VerifyParams) -> tuple[np.ndarray, int]:
     return np.union1d(sample, np.arange(1, min(doc_end, span) + 1)), span // 2
 
 
-def model_dist(model: GPT, r: Records):
-    """The artifact model's full next-token distribution at target t, from the context pass 1 used."""
+def model_dist(model: GPT, r: Records, tilt: Tilt | None = None):
+    """The model's full next-token distribution at target t, from the context pass 1 used, tilted towards
+    the hint where the token tilt is on (hints recomputed from the stream by the caller)."""
 
     @torch.inference_mode()
     def dist(t: int) -> np.ndarray:
         x = torch.from_numpy(r.tokens[t - r.context[t - 1] : t].astype(np.int64))[None]
-        return F.softmax(model.logits(x)[0, -1].double(), dim=-1).numpy()
+        logp = F.log_softmax(model.logits(x)[0, -1:].double(), dim=-1)
+        if tilt is not None:
+            logp = tilted(logp, torch.tensor([int(tilt.hints[t])]), tilt.boost)
+        return logp[0].exp().numpy()
 
     return dist
 
 
-def adapt_rerun(model: GPT, r: Records, plan: windows.Windows, batch: int, seq_len: int, tp: TTTParams,
+def adapt_rerun(model: GPT, r: Records, plan: windows.Windows, ev: EvalParams, tp: TTTParams,
                 positions: np.ndarray) -> tuple[np.ndarray, dict[int, np.ndarray]]:
     """The report's own run of the adaptation on the real stream, from the artifact's model (changed in
     place): every target's NLL, and the full distribution of the model that scored each audited target."""
@@ -69,21 +74,22 @@ def adapt_rerun(model: GPT, r: Records, plan: windows.Windows, batch: int, seq_l
     dists: dict[int, np.ndarray] = {}
 
     def before(i: int, j: int, m: GPT) -> None:
-        dist = model_dist(m, r)
+        dist = model_dist(m, r, tilt)
         dists.update({t: dist(t) for t, wi in at_window.items() if i <= wi < j})
 
-    scores = [s[0] for _, _, s in ttt.chunk_sgd(model, r.tokens, plan, batch, seq_len, tp, torch.device("cpu"), before)]
+    tilt = ev.tilt(r.tokens)
+    scores = [s[0] for _, _, s in ttt.chunk_sgd(model, r.tokens, plan, ev.batch, ev.seq_len, tp, torch.device("cpu"), before, tilt)]
     return np.concatenate(scores), dists
 
 
-def adapt_rules(model: GPT, r: Records, adapted_nll: np.ndarray, pass1_nll: np.ndarray, plan: windows.Windows, batch: int, seq_len: int,
+def adapt_rules(model: GPT, r: Records, adapted_nll: np.ndarray, pass1_nll: np.ndarray, plan: windows.Windows, ev: EvalParams,
                 tp: TTTParams, positions: np.ndarray) -> tuple[list[Rule], Callable[[int], np.ndarray]]:
     """single_pass_adapt (the adapt stage's records equal the report's own run of the method, bit for bit) and
     in_range_adapt; and the distribution behind each audited adapted record, for the cache's audits."""
     if tp.method == "none":
-        rerun, dist = pass1_nll, model_dist(model, r)
+        rerun, dist = pass1_nll, model_dist(model, r, ev.tilt(r.tokens))
     else:
-        rerun, dists = adapt_rerun(model, r, plan, batch, seq_len, tp, positions)
+        rerun, dists = adapt_rerun(model, r, plan, ev, tp, positions)
         dist = dists.__getitem__
     differ = int(np.count_nonzero(rerun.astype(np.float32) != adapted_nll.astype(np.float32)))
     return [Rule("single_pass_adapt", differ == 0, float(differ), 0,
@@ -91,7 +97,8 @@ def adapt_rules(model: GPT, r: Records, adapted_nll: np.ndarray, pass1_nll: np.n
             audit.in_range("in_range_adapt", np.exp(-adapted_nll))], dist
 
 
-def pass1_causality(model: GPT, tokens: np.ndarray, plan: windows.Windows, positions: np.ndarray, at: np.ndarray, seed: int) -> Rule:
+def pass1_causality(model: GPT, tokens: np.ndarray, plan: windows.Windows, positions: np.ndarray, at: np.ndarray, seed: int,
+                    ev: EvalParams) -> Rule:
     """At each cut, rescore (batched as pass 1 did) the windows of audited targets before it, with the tokens
     after it replaced: their scores must be bit-identical. Windows are the plan's, fixed by the real stream."""
     def run_cut(c: int):
@@ -99,7 +106,7 @@ def pass1_causality(model: GPT, tokens: np.ndarray, plan: windows.Windows, posit
         sel = np.unique(np.searchsorted(plan.end, targets))
         sub = windows.Windows(plan.begin[sel], plan.score_from[sel], plan.end[sel])
         before = sub.targets(0, len(sub)) <= c
-        return lambda toks: score_batch(model, toks, sub, 0, len(sub), torch.device("cpu"))[0].numpy()[before], int(before.sum())
+        return lambda toks: score_batch(model, toks, sub, 0, len(sub), torch.device("cpu"), ev.tilt(toks))[0].numpy()[before], int(before.sum())
 
     moved, scores, rng = 0, 0, np.random.default_rng(seed)
     for c in (int(c) for c in at):
@@ -113,7 +120,7 @@ def pass1_causality(model: GPT, tokens: np.ndarray, plan: windows.Windows, posit
 
 
 def scoring_rules(model: GPT, r: Records, pass1_nll: np.ndarray, dist: Callable[[int], np.ndarray], plan: windows.Windows, vp: VerifyParams,
-                  cp: CacheParams, done: Progress) -> tuple[list[Rule], cache.Rescored]:
+                  cp: CacheParams, ev: EvalParams, done: Progress) -> tuple[list[Rule], cache.Rescored]:
     """normalization, substitution_cache, causality_cache, single_pass, causality_pass1, in_range_pass1,
     in_range_cache; and the cache's rerun on the real stream. r holds the neural records the cache mixed
     (pass 1's or the adapted ones) and dist(t) the full distribution behind each audited one."""
@@ -144,18 +151,18 @@ def scoring_rules(model: GPT, r: Records, pass1_nll: np.ndarray, dist: Callable[
     done.update(what="causality_cache")
     differ = int(np.count_nonzero(reruns[0].prob != r.prob))
     rules.append(Rule("single_pass", differ == 0, float(differ), 0, f"records equal one causal pass over the stream: {differ} of {r.n} differ"))
-    rules.append(pass1_causality(model, r.tokens, plan, positions, at, 2))
+    rules.append(pass1_causality(model, r.tokens, plan, positions, at, 2, ev))
     rules += [audit.in_range("in_range_pass1", np.exp(-pass1_nll)), audit.in_range("in_range_cache", r.prob)]
     done.update(what="causality_pass1")
     return rules, reruns[0]
 
 
-def pass1_isolation(model: GPT, tokens: np.ndarray, seq_len: int, stride: int, batch: int, bos: int) -> Rule:
+def pass1_isolation(model: GPT, tokens: np.ndarray, ev: EvalParams, bos: int) -> Rule:
     """doc_isolation on pass 1 with eval.doc_isolated: the whole stream scored as the score stage does (its
     plan rebuilt from each stream), two documents' records unchanged when every other document changes."""
     def run(stream: np.ndarray) -> np.ndarray:
-        plan = windows.plan(stream, seq_len, stride, True, bos)
-        return np.exp(-np.concatenate([s[0] for _, _, s in score_stream(model, stream, plan, batch, CPU)]).astype(np.float64))
+        plan = windows.plan(stream, ev.seq_len, ev.stride, True, bos)
+        return np.exp(-np.concatenate([s[0] for _, _, s in score_stream(model, stream, plan, ev.batch, CPU, ev.tilt(stream))]).astype(np.float64))
 
     return audit.doc_isolation("doc_isolation_pass1", run, tokens, bos, docs=2)
 

@@ -25,6 +25,7 @@ from pgolf.bpb import ByteTables, bits_per_byte
 from pgolf.runtime import Dist, autocast
 from pgolf.model import GPT
 from pgolf.progress import Progress
+from pgolf.tilt import Tilt, tilted
 from pgolf.windows import Windows, doc_of, doc_starts
 
 
@@ -34,17 +35,27 @@ class EvalParams:
     stride: int  # each window scores its last `stride` targets; stride == seq_len: non-overlapping windows
     batch: int  # windows per forward pass
     doc_isolated: bool  # a window never reaches back past its document's BOS
+    tilt_order: int = 0  # the token tilt's hint: the most frequent follower of the last N tokens so far; 0 = no tilt
+    tilt_threshold: int = 2  # ... once it has followed them this many times
+    tilt_boost: float = 1.0  # β: the hint's probability is raised by e^β, then renormalised
 
     def __post_init__(self) -> None:
         if self.seq_len < 1 or self.batch < 1:
             raise InputError("params.yaml: eval.seq_len and eval.batch must be positive")
         if not 1 <= self.stride <= self.seq_len:
             raise InputError(f"params.yaml: eval.stride is {self.stride}; it must be 1..eval.seq_len ({self.seq_len})")
+        if self.tilt_order < 0 or self.tilt_threshold < 1:
+            raise InputError("params.yaml: eval.tilt_order must be >= 0 and eval.tilt_threshold >= 1")
+
+    def tilt(self, tokens: np.ndarray) -> Tilt | None:
+        """The token tilt of this stream (None when eval.tilt_order is 0)."""
+        return Tilt.for_stream(tokens, self.tilt_order, self.tilt_threshold, self.tilt_boost)
 
     @property
     def mode(self) -> str:
         kind = "non-overlapping" if self.stride == self.seq_len else f"sliding-{self.stride}"
-        return f"{kind}-doc-isolated" if self.doc_isolated else kind
+        kind = f"{kind}-doc-isolated" if self.doc_isolated else kind
+        return f"{kind}-tilt{self.tilt_order}" if self.tilt_order else kind
 
 
 SCHEMA = pa.schema(
@@ -61,16 +72,18 @@ SCHEMA = pa.schema(
 ROW_GROUP = 1 << 20
 
 
-def _distribution(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(NLL of each target, entropy) of softmax(logits), in float32."""
+def _distribution(logits: torch.Tensor, targets: torch.Tensor, hint: torch.Tensor | None = None, boost: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(NLL of each target, entropy) of softmax(logits), tilted towards each row's hint where given, in float32."""
     logp = F.log_softmax(logits.float(), dim=-1)
+    if hint is not None:
+        logp = tilted(logp, hint, boost)
     nll = -logp.gather(-1, targets[:, None]).squeeze(-1)
     return nll, -(logp.exp() * logp).sum(-1)
 
 
 @torch.inference_mode()
-def score_batch(model: GPT, tokens: np.ndarray, w: Windows, i: int, j: int, device: torch.device) -> torch.Tensor:
-    """[2, targets] float32 NLL and entropy of the targets windows i..j-1 score, in order."""
+def score_batch(model: GPT, tokens: np.ndarray, w: Windows, i: int, j: int, device: torch.device, tilt: Tilt | None = None) -> torch.Tensor:
+    """[2, targets] float32 NLL and entropy of the targets windows i..j-1 score, in order (with the token tilt, if any)."""
     begin, end = w.begin[i:j], w.end[i:j]
     width = int((end - begin).max())
     # Right padding with real tokens: a causal model's earlier positions never see it.
@@ -80,10 +93,11 @@ def score_batch(model: GPT, tokens: np.ndarray, w: Windows, i: int, j: int, devi
     with autocast(device):
         h = model.hidden(torch.from_numpy(inputs.astype(np.int64)).to(device))
         logits = model.head(h.reshape(-1, h.size(-1))[torch.from_numpy(rows).to(device)])
-    return torch.stack(_distribution(logits, targets))
+    hint = None if tilt is None else torch.from_numpy(tilt.hints[w.targets(i, j)]).to(device)
+    return torch.stack(_distribution(logits, targets, hint, 0.0 if tilt is None else tilt.boost))
 
 
-def score_stream(model: GPT, tokens: np.ndarray, w: Windows, batch: int, d: Dist) -> Iterator[tuple[int, int, np.ndarray]]:
+def score_stream(model: GPT, tokens: np.ndarray, w: Windows, batch: int, d: Dist, tilt: Tilt | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
     """Yield (i, j, [2, targets] NLL and entropy) for windows i..j-1, in order, on rank 0.
 
     Every process must iterate it: each round, each computes one batch and all exchange them.
@@ -94,7 +108,7 @@ def score_stream(model: GPT, tokens: np.ndarray, w: Windows, batch: int, d: Dist
     for first in range(0, n_batches, d.world):
         spans = [(b * batch, min((b + 1) * batch, len(w))) for b in range(first, min(first + d.world, n_batches))]
         mine = spans[d.rank] if d.rank < len(spans) else None
-        result = score_batch(model, tokens, w, *mine, d.device) if mine else torch.zeros(2, 0, device=d.device)
+        result = score_batch(model, tokens, w, *mine, d.device, tilt) if mine else torch.zeros(2, 0, device=d.device)
         if d.distributed:
             width = max(int(w.scored[i:j].sum()) for i, j in spans)
             padded = torch.zeros(2, width, dtype=torch.float32, device=d.device)
@@ -169,14 +183,14 @@ class Totals:
 
 def write_records(
     model: GPT, tokens: np.ndarray, w: Windows, batch: int, tables: ByteTables, bos_id: int, d: Dist, path: Path | None, progress: Progress | None = None,
-    scores: Iterator[tuple[int, int, np.ndarray]] | None = None,
+    scores: Iterator[tuple[int, int, np.ndarray]] | None = None, tilt: Tilt | None = None,
 ) -> Totals | None:
     """Score every window, streaming the records to `path` (None: nowhere) on rank 0; the totals there.
 
     Every process calls it; the others compute their batches, hand them over and return None. `scores`
     replaces pass 1's batches with another scorer's (i, j, [2, targets]) in window order (adaptation).
     """
-    stream = score_stream(model, tokens, w, batch, d) if scores is None else scores
+    stream = score_stream(model, tokens, w, batch, d, tilt) if scores is None else scores
     if not d.main:
         for _ in stream:
             pass

@@ -19,6 +19,7 @@ import torch
 from pgolf.errors import InputError
 from pgolf.model import GPT
 from pgolf.score import score_batch
+from pgolf.tilt import Tilt
 from pgolf.windows import Windows
 
 METHODS = ("none", "chunk_sgd")
@@ -65,10 +66,11 @@ def trainable(model: GPT, blocks: int) -> list[torch.nn.Parameter]:
 
 
 def chunk_sgd(model: GPT, tokens: np.ndarray, w: Windows, batch: int, seq_len: int, tp: TTTParams, device: torch.device,
-              before_chunk: Callable[[int, int, GPT], None] | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
+              before_chunk: Callable[[int, int, GPT], None] | None = None, tilt: Tilt | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
     """Yield (i, j, [2, targets] NLL and entropy) for windows i..j-1 in stream order, each chunk scored
     before the model trains on it. The model is changed in place. before_chunk(i, j, model) sees the
-    model that scores windows i..j-1 (the report's audits read its distributions there)."""
+    model that scores windows i..j-1 (the report's audits read its distributions there). `tilt`: the token
+    tilt on every scored distribution (pgolf/tilt.py); training sees the plain model."""
     params = trainable(model, tp.blocks)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -81,7 +83,7 @@ def chunk_sgd(model: GPT, tokens: np.ndarray, w: Windows, batch: int, seq_len: i
         if before_chunk is not None:
             before_chunk(i, j, model)
         for b in range(i, j, batch):
-            yield b, min(b + batch, j), score_batch(model, tokens, w, b, min(b + batch, j), device).cpu().numpy()
+            yield b, min(b + batch, j), score_batch(model, tokens, w, b, min(b + batch, j), device, tilt).cpu().numpy()
         if k == len(spans) - 1 or tp.epochs == 0:
             continue
         targets = w.targets(i, j)

@@ -42,7 +42,7 @@ def main() -> None:
             shutil.copyfile(SCORES, out)
             progress.update(len(tokens) - 1)
         else:
-            scores = ttt.chunk_sgd(model, tokens, plan, ev.batch, ev.seq_len, tp, d.device)
+            scores = ttt.chunk_sgd(model, tokens, plan, ev.batch, ev.seq_len, tp, d.device, tilt=ev.tilt(tokens))
             write_records(model, tokens, plan, ev.batch, tables, sp.bos_id(), d, out, progress, scores=scores)
         seconds = time.perf_counter() - t
         adapted = pq.read_table(out, columns=["nll", "bytes"])

@@ -65,13 +65,13 @@ def main() -> None:
     positions, _ = rules.audited(r, vp)
     # The report's own run of the adaptation, from a fresh copy of the artifact's model.
     checked, adapted_dist = rules.adapt_rules(artifact.load_model(ARTIFACT).eval(), r, adapted.column("nll").to_numpy(), pass1_nll, plan,
-                                              ev.batch, ev.seq_len, tp, positions)
+                                              ev, tp, positions)
     steps.update(what="adapt rerun")
-    dist = rules.model_dist(model, r) if cp.input == "score" else adapted_dist
-    scoring, rerun = rules.scoring_rules(model, r, pass1_nll, dist, plan, vp, cp, steps)
+    dist = rules.model_dist(model, r, ev.tilt(tokens)) if cp.input == "score" else adapted_dist
+    scoring, rerun = rules.scoring_rules(model, r, pass1_nll, dist, plan, vp, cp, ev, steps)
     checked += scoring
     if ev.doc_isolated:  # a per-document scorer: other documents must not move its records
-        checked.append(rules.pass1_isolation(model, tokens, ev.seq_len, ev.stride, ev.batch, r.bos))
+        checked.append(rules.pass1_isolation(model, tokens, ev, r.bos))
     files = code_files(LOADER_MODULE)  # re-counted here, the way pack says it counted (raw source or the compressed script)
     artifact_bytes = ARTIFACT.stat().st_size + (len(self_extracting(files)) if m["pack"].get("code") == "compressed" else code_bytes(files))
     train_seconds = m["train"]["train_seconds"] + m["quant"]["hessian_seconds"]  # what the challenge's 600 s covers

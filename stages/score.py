@@ -40,7 +40,7 @@ def main() -> None:
         progress = Progress("score", len(tokens) - 1, "tokens")
         # The records and their metrics replace the last good ones together (rank 0 writes both).
         with staged(SCORES, METRICS / "score.json") if d.main else contextlib.nullcontext([None, None]) as (out, score_json):
-            totals = write_records(model, tokens, plan, ev.batch, tables, sp.bos_id(), d, out, progress)
+            totals = write_records(model, tokens, plan, ev.batch, tables, sp.bos_id(), d, out, progress, tilt=ev.tilt(tokens))
             if d.main:
                 seconds = progress.done(f"val_loss {totals.val_loss:.4f}, val_bpb {totals.val_bpb:.4f} ({ev.mode}) -> {SCORES}")
                 write_json(score_json, {

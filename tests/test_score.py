@@ -152,6 +152,8 @@ def test_eval_params_are_checked():
     with pytest.raises(Exception, match="eval.stride"):
         EvalParams(seq_len=16, stride=17, batch=1, doc_isolated=False)
     assert EvalParams(seq_len=16, stride=16, batch=1, doc_isolated=True).mode == "non-overlapping-doc-isolated"
+    with pytest.raises(Exception, match="eval.tilt_order"):
+        EvalParams(seq_len=16, stride=16, batch=1, doc_isolated=False, tilt_order=-1)
 
 
 # The stage, from a packed artifact and real validation tokens.
