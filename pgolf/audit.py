@@ -110,14 +110,8 @@ def normalization(
 
 
 def causality(name: str, run: Callable[[np.ndarray], np.ndarray], tokens: np.ndarray, cut: int, seed: int = 0) -> Rule:
-    """Score the stream, then a copy whose tokens after target `cut` are random: every probability up
-    to the cut must be bit-identical. run(tokens) gives the recorded probability of targets 1..N."""
-    changed = tokens.copy()
-    rng = np.random.default_rng(seed)
-    changed[cut + 1 :] = rng.integers(0, int(tokens.max()) + 1, len(tokens) - cut - 1)
-    a, b = run(tokens), run(changed)
-    moved = int(np.count_nonzero(a[:cut] != b[:cut]))
-    return Rule(name, moved == 0, moved, 0, f"{moved} of {cut} probabilities before the cut changed when the tokens after it did")
+    """causality_cuts at one cut. run(tokens) gives the recorded probability of targets 1..N."""
+    return causality_cuts(name, run, tokens, np.array([cut]), seed)
 
 
 def _fmt(x: float) -> str:
@@ -184,6 +178,13 @@ def cuts(n: int, count: int, seed: int = 0) -> np.ndarray:
     return np.unique([int(rng.integers(a, max(a + 1, b))) for a, b in zip(edges[:-1], edges[1:])])
 
 
+def scrambled(tokens: np.ndarray, cut: int, rng: np.random.Generator) -> np.ndarray:
+    """A copy of the stream whose tokens after target `cut` are random (the same vocabulary range)."""
+    changed = tokens.copy()
+    changed[cut + 1 :] = rng.integers(0, int(tokens.max()) + 1, len(tokens) - cut - 1)
+    return changed
+
+
 def causality_cuts(name: str, run: Callable[[np.ndarray], np.ndarray], tokens: np.ndarray, at: np.ndarray, seed: int = 0) -> Rule:
     """Strict causality at several cuts across the stream: for each cut c, the tokens after target c are
     replaced by random ones and every probability of targets 1..c must be bit-identical."""
@@ -191,9 +192,7 @@ def causality_cuts(name: str, run: Callable[[np.ndarray], np.ndarray], tokens: n
     rng = np.random.default_rng(seed)
     moved, worst = 0, None
     for c in (int(c) for c in at):
-        changed = tokens.copy()
-        changed[c + 1 :] = rng.integers(0, int(tokens.max()) + 1, len(tokens) - c - 1)
-        n = int(np.count_nonzero(run(changed)[:c] != base[:c]))
+        n = int(np.count_nonzero(run(scrambled(tokens, c, rng))[:c] != base[:c]))
         moved += n
         worst = c if n and worst is None else worst
     return Rule(name, moved == 0, moved, 0, f"{len(at)} cuts across {len(tokens) - 1} targets: {moved} probabilities before a cut changed "

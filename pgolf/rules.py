@@ -111,9 +111,7 @@ def pass1_causality(model: GPT, tokens: np.ndarray, plan: windows.Windows, posit
     moved, scores, rng = 0, 0, np.random.default_rng(seed)
     for c in (int(c) for c in at):
         run, n = run_cut(c)
-        changed = tokens.copy()
-        changed[c + 1 :] = rng.integers(0, int(tokens.max()) + 1, len(tokens) - c - 1)
-        moved += int(np.count_nonzero(run(tokens) != run(changed)))
+        moved += int(np.count_nonzero(run(tokens) != run(audit.scrambled(tokens, c, rng))))
         scores += n
     return Rule("causality_pass1", moved == 0, moved, 0, f"{len(at)} cuts across the stream, {scores} pass-1 scores of audited targets "
                 f"before them rescored with the tokens after the cut replaced: {moved} changed")
