@@ -1,13 +1,15 @@
 """Score-first test-time training and the token tilt on the comparison model, each with and without the cache.
 
-python -m bench.ttt [--fineweb DIR]
+python -m bench.ttt [--fineweb DIR] [--only NAME ...]
 
 The model is bench/train.py's comparison model (seed 1337, 300 steps; trained first when runs/bench/ does
 not hold it), float weights. Validation: the 450 shared FineWeb documents (sp1024), windows of 256 with
-stride 64 (the demo's eval). chunk_sgd at params.yaml's ttt settings and three variants; the token tilt
-(order 3, threshold 2, boost 1) on pass 1 and on chunk_sgd; the cache at params.yaml's cache settings on
-each method's records. Seconds are wall time on this machine, the
-cache's on top of the method's. Saves bench/results/ttt.json.
+stride 64 (the demo's eval). Every method at params.yaml's ttt settings, with variants; doc_lora at
+learning rate 0 is the control for its windows (each document alone, chunks of 48 read with up to 256
+inputs of their own document), so its gain over that row is what the adapters learn. The token tilt
+(order 3, threshold 2, boost 1) on pass 1 and on the methods; the cache at params.yaml's cache settings
+on each method's records. Seconds are wall time on this machine, the cache's on top of the method's.
+Saves bench/results/ttt.json.
 """
 import argparse
 import copy
@@ -21,12 +23,11 @@ import torch
 
 from bench.common import FINEWEB, REPO, save
 from bench.train import comparison_data, comparison_model
-from pgolf import cache, params, shards, ttt, windows
+from pgolf import cache, params, shards, tokenizer, ttt, windows
 from pgolf.bpb import ByteTables, bits_per_byte
 from pgolf.cache import CacheParams
 from pgolf.runtime import CPU
-from pgolf.score import score_stream
-from pgolf.tilt import Tilt
+from pgolf.score import EvalParams, score_stream
 from pgolf.ttt import TTTParams
 
 
@@ -34,6 +35,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fineweb", type=Path, default=FINEWEB)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ttt.json")
+    ap.add_argument("--only", nargs="*", default=[], help="run only the methods whose name contains one of these")
     args = ap.parse_args()
     p = params.load(REPO / "params.yaml")
     base_tp = dataclasses.replace(params.section(p, "ttt", TTTParams), method="chunk_sgd")
@@ -43,7 +45,8 @@ def main() -> None:
         shards_dir = comparison_data(args.fineweb, Path(tmp))
         model = comparison_model(shards_dir, Path(tmp))
         tokens = shards.split_tokens(shards_dir, "val")
-    tables = ByteTables.from_sentencepiece(args.fineweb / "tokenizers" / "fineweb_1024_bpe.model")
+    sp = tokenizer.load(args.fineweb / "tokenizers" / "fineweb_1024_bpe.model")
+    tables = ByteTables.from_sentencepiece(sp)
     plan = windows.plan(tokens, 256, 64)
     nbytes = int(tables.target_bytes(tokens[:-1], tokens[1:]).sum())
     print(f"{len(tokens) - 1:,} targets, {nbytes:,} bytes, {len(plan):,} windows")
@@ -61,17 +64,21 @@ def main() -> None:
         rows.append(row)
         print(f"{name:<40} val_bpb {row['val_bpb']:.4f} ({seconds:6.1f}s)  with the cache {row['val_bpb_cache']:.4f} (+{cache_s:.2f}s)", flush=True)
 
+    ev = EvalParams(seq_len=256, stride=64, batch=256, doc_isolated=False)
+    tilted = dataclasses.replace(ev, tilt_order=3, tilt_threshold=2, tilt_boost=1.0)
     measure("pass 1", score_stream(model, tokens, plan, 256, CPU), None)
-    t = time.perf_counter()
-    tilted = Tilt.for_stream(tokens, 3, 2, 1.0)
-    print(f"tilt hints for {len(tokens) - 1:,} targets in {time.perf_counter() - t:.1f}s")
-    measure("pass 1 + tilt (order 3, threshold 2, boost 1)", score_stream(model, tokens, plan, 256, CPU, tilted), None)
-    variants = [("chunk_sgd (params.yaml)", base_tp, None), ("chunk_sgd lr 0.005", dataclasses.replace(base_tp, lr=0.005), None),
-                ("chunk_sgd 1 epoch", dataclasses.replace(base_tp, epochs=1), None), ("chunk_sgd last 2 blocks", dataclasses.replace(base_tp, blocks=2), None),
-                ("chunk_sgd (params.yaml) + tilt", base_tp, tilted)]
-    for name, tp, tl in variants:
-        m = copy.deepcopy(model)
-        measure(name, ttt.chunk_sgd(m, tokens, plan, 256, 256, tp, torch.device("cpu"), tilt=tl), tp)
+    measure("pass 1 + tilt (order 3, threshold 2, boost 1)", score_stream(model, tokens, plan, 256, CPU, tilted.tilt(tokens)), None)
+    lora = dataclasses.replace(base_tp, method="doc_lora")
+    variants = [("chunk_sgd (params.yaml)", base_tp, ev), ("chunk_sgd lr 0.005", dataclasses.replace(base_tp, lr=0.005), ev),
+                ("doc_lora lr 0 (its windows alone)", dataclasses.replace(lora, lora_lr=0.0), ev),
+                ("doc_lora (params.yaml)", lora, ev), ("doc_lora lr 0.001", dataclasses.replace(lora, lora_lr=0.001), ev),
+                ("doc_lora rank 32", dataclasses.replace(lora, lora_rank=32), ev),
+                ("phased (params.yaml, 3 phases over the first 300 documents)", dataclasses.replace(lora, method="phased", phase_docs=300), ev),
+                ("chunk_sgd (params.yaml) + tilt", base_tp, tilted), ("doc_lora (params.yaml) + tilt", lora, tilted)]
+    for name, tp, e in variants:
+        if args.only and not any(o in name for o in args.only):
+            continue
+        measure(name, ttt.adapt(copy.deepcopy(model), tokens, e, tp, sp.bos_id(), torch.device("cpu"))[1], tp)
     base = rows[0]
     for r in rows:
         r["gain"] = round(base["val_bpb"] - r["val_bpb"], 5)

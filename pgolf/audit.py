@@ -142,16 +142,18 @@ def decoded_bytes(decode: Callable[[list[int]], str], tokens: np.ndarray, starts
 
 
 def substitution(run: Callable[[np.ndarray], np.ndarray], tokens: np.ndarray, positions: np.ndarray, vocab: int, name: str = "substitution",
-                 batch: Callable[[np.ndarray], np.ndarray] | None = None, spot: int = 2, seed: int = 0) -> Rule:
+                 batch: Callable[[np.ndarray], np.ndarray] | None = None, spot: int = 2, spot_at: int | None = None, seed: int = 0) -> Rule:
     """A full normalized distribution, measured without the method's cooperation.
 
     At every audited target t and for every candidate v: stream = tokens[:t] + [v], p_v = run(stream)[t-1].
     Passes when every p_v lies in [0, 1] and |Σ_v p_v − 1| <= SUM_TOLERANCE at every t. Nothing past the
     candidate exists, so no method can peek. `batch(prefix)`, where given, is a faster path giving all
     p_v at once (a state snapshot at t); it is trusted for nothing: `spot` random candidates per
-    position are run the plain way and must agree with it exactly.
+    position (at `spot_at` seeded positions of them; None: at all) are run the plain way and must agree
+    with it exactly.
     """
     rng = np.random.default_rng(seed)
+    spotted = set(rng.choice(np.asarray(positions), min(len(positions), len(positions) if spot_at is None else spot_at), replace=False).tolist())
     worst_sum, outside, disagree, checked = 0.0, 0, 0, 0
     for t in (int(t) for t in positions):
         prefix = np.asarray(tokens[:t])
@@ -159,7 +161,7 @@ def substitution(run: Callable[[np.ndarray], np.ndarray], tokens: np.ndarray, po
             p = np.array([run(np.append(prefix, v).astype(prefix.dtype))[t - 1] for v in range(vocab)], dtype=np.float64)
         else:
             p = np.asarray(batch(prefix), dtype=np.float64)
-            for v in rng.choice(vocab, min(spot, vocab), replace=False):
+            for v in rng.choice(vocab, min(spot, vocab), replace=False) if t in spotted else ():
                 checked += 1
                 disagree += int(run(np.append(prefix, v).astype(prefix.dtype))[t - 1] != p[v])
         outside += int(np.count_nonzero(~((p >= 0) & (p <= 1))))
@@ -178,21 +180,24 @@ def cuts(n: int, count: int, seed: int = 0) -> np.ndarray:
     return np.unique([int(rng.integers(a, max(a + 1, b))) for a, b in zip(edges[:-1], edges[1:])])
 
 
-def scrambled(tokens: np.ndarray, cut: int, rng: np.random.Generator) -> np.ndarray:
-    """A copy of the stream whose tokens after target `cut` are random (the same vocabulary range)."""
-    changed = tokens.copy()
-    changed[cut + 1 :] = rng.integers(0, int(tokens.max()) + 1, len(tokens) - cut - 1)
+def scrambled(tokens: np.ndarray, cut: int, rng: np.random.Generator, tail: int | None = None) -> np.ndarray:
+    """A copy of the stream whose tokens after target `cut` are random (the same vocabulary range); `tail`: only
+    that many of them, the rest removed."""
+    changed = tokens[: len(tokens) if tail is None else cut + 1 + tail].copy()
+    changed[cut + 1 :] = rng.integers(0, int(tokens.max()) + 1, len(changed) - cut - 1)
     return changed
 
 
-def causality_cuts(name: str, run: Callable[[np.ndarray], np.ndarray], tokens: np.ndarray, at: np.ndarray, seed: int = 0) -> Rule:
+def causality_cuts(name: str, run: Callable[[np.ndarray], np.ndarray], tokens: np.ndarray, at: np.ndarray, seed: int = 0,
+                   tail: int | None = None) -> Rule:
     """Strict causality at several cuts across the stream: for each cut c, the tokens after target c are
-    replaced by random ones and every probability of targets 1..c must be bit-identical."""
+    replaced by random ones and every probability of targets 1..c must be bit-identical. `tail`: only that many
+    random tokens follow the cut (removing the rest changes them too), so a costly method runs to c + tail."""
     base = run(tokens)
     rng = np.random.default_rng(seed)
     moved, worst = 0, None
     for c in (int(c) for c in at):
-        n = int(np.count_nonzero(run(scrambled(tokens, c, rng))[:c] != base[:c]))
+        n = int(np.count_nonzero(run(scrambled(tokens, c, rng, tail))[:c] != base[:c]))
         moved += n
         worst = c if n and worst is None else worst
     return Rule(name, moved == 0, moved, 0, f"{len(at)} cuts across {len(tokens) - 1} targets: {moved} probabilities before a cut changed "
@@ -201,7 +206,9 @@ def causality_cuts(name: str, run: Callable[[np.ndarray], np.ndarray], tokens: n
 
 def doc_isolation(name: str, run: Callable[[np.ndarray], np.ndarray], tokens: np.ndarray, bos: int, docs: int = 4, seed: int = 0) -> Rule:
     """A per-document method scores each document alone: with every other document's tokens replaced
-    (its BOS and length kept), the chosen documents' probabilities must be bit-identical."""
+    (BOS and lengths kept), and the stream cut after the document that follows it, a chosen document's
+    probabilities must be bit-identical (the cut changes the later documents too, and saves a costly method
+    the rest of the stream)."""
     from pgolf.windows import doc_starts  # audit.py stays free of the scorer's modules otherwise
 
     starts = doc_starts(tokens, bos)
@@ -211,12 +218,13 @@ def doc_isolation(name: str, run: Callable[[np.ndarray], np.ndarray], tokens: np
     base, moved = run(tokens), 0
     high = int(tokens.max()) + 1
     for d in chosen:
-        changed = tokens.copy()
+        changed = tokens[: min(len(tokens), int(ends[min(d + 1, len(ends) - 1)]) + 1)].copy()
         other = np.ones(len(tokens), dtype=bool)
         other[starts[d] : ends[d]] = False
-        noise = rng.integers(0, high, len(tokens))
+        other, kept_tokens = other[: len(changed)], tokens[: len(changed)]
+        noise = rng.integers(0, high, len(changed))
         noise[noise == bos] = (bos + 1) % high  # no new documents
-        changed[other & (tokens != bos)] = noise[other & (tokens != bos)]
+        changed[other & (kept_tokens != bos)] = noise[other & (kept_tokens != bos)]
         lo, hi = int(starts[d]), int(ends[d]) - 1  # document d's targets starts[d]+1 .. ends[d]-1, at index t - 1
         moved += int(np.count_nonzero(run(changed)[lo:hi] != base[lo:hi]))
     return Rule(name, moved == 0, moved, 0,

@@ -312,9 +312,12 @@ class GPT(nn.Module):
     def head_weight(self) -> Tensor:
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
-    def head(self, x: Tensor) -> Tensor:
-        """Soft-capped next-token logits [..., vocab] from hidden states [..., dim]."""
+    def head(self, x: Tensor, extra: Tensor | None = None) -> Tensor:
+        """Soft-capped next-token logits [..., vocab] from hidden states [..., dim]; `extra` is added before the
+        cap (a test-time adapter's correction, pgolf/lora.py)."""
         logits = F.linear(x, self.head_weight().to(x.dtype))
+        if extra is not None:
+            logits = logits + extra
         cap = self.p.logit_softcap
         return cap * torch.tanh(logits / cap)
 

@@ -5,6 +5,8 @@ artifact's model, the cache is rerun, pass-1 windows are rescored, hashes are re
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,35 +68,109 @@ def model_dist(model: GPT, r: Records, tilt: Tilt | None = None):
     return dist
 
 
-def adapt_rerun(model: GPT, r: Records, plan: windows.Windows, ev: EvalParams, tp: TTTParams,
-                positions: np.ndarray) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-    """The report's own run of the adaptation on the real stream, from the artifact's model (changed in
-    place): every target's NLL, and the full distribution of the model that scored each audited target."""
-    at_window = dict(zip(positions.tolist(), np.searchsorted(plan.end, positions).tolist()))
-    dists: dict[int, np.ndarray] = {}
-
-    def before(i: int, j: int, m: GPT) -> None:
-        dist = model_dist(m, r, tilt)
-        dists.update({t: dist(t) for t, wi in at_window.items() if i <= wi < j})
-
-    tilt = ev.tilt(r.tokens)
-    scores = [s[0] for _, _, s in ttt.chunk_sgd(model, r.tokens, plan, ev.batch, ev.seq_len, tp, torch.device("cpu"), before, tilt)]
-    return np.concatenate(scores), dists
+def segment_of(tokens: np.ndarray, bos: int, plan: windows.Windows, tp: TTTParams, t: int) -> int:
+    """The segment of tp.method whose state scores target t (chunk_sgd: its chunk; phased: its phase)."""
+    if tp.method == "chunk_sgd":
+        wi = int(np.searchsorted(plan.end, t))
+        return next(k for k, (i, j) in enumerate(ttt.chunks(plan, tp.chunk_tokens)) if i <= wi < j)
+    d = int(windows.doc_of(np.array([t]), windows.doc_starts(tokens, bos))[0])
+    return int(np.searchsorted(ttt.phase_ends(len(windows.doc_starts(tokens, bos)), tp), d, side="right"))
 
 
-def adapt_rules(model: GPT, r: Records, adapted_nll: np.ndarray, pass1_nll: np.ndarray, plan: windows.Windows, ev: EvalParams,
-                tp: TTTParams, positions: np.ndarray) -> tuple[list[Rule], Callable[[int], np.ndarray]]:
-    """single_pass_adapt (the adapt stage's records equal the report's own run of the method, bit for bit) and
-    in_range_adapt; and the distribution behind each audited adapted record, for the cache's audits."""
+@dataclass
+class AdaptRun:
+    """The report's own run of the adaptation on the real stream, from the artifact's model."""
+
+    plan: windows.Windows
+    nll: np.ndarray  # every target's
+    dists: dict[int, np.ndarray]  # the full distribution that scored each kept target
+    snapshots: dict[int, dict]  # the model's state at the start of each segment asked for
+
+
+def adapt_rerun(model: GPT, tokens: np.ndarray, bos: int, ev: EvalParams, tp: TTTParams, n: int, keep: np.ndarray, segments: set[int]) -> AdaptRun:
+    snapshots: dict[int, dict] = {}
+
+    def before(k: int, m: GPT) -> None:
+        if k in segments:
+            snapshots[k] = copy.deepcopy(m.state_dict())
+
+    dists = {int(t): None for t in keep}
+    plan, scores = ttt.adapt(model, tokens, ev, tp, bos, torch.device("cpu"), n, dists, before)
+    return AdaptRun(plan, np.concatenate([s[0] for _, _, s in scores]), dists, snapshots)
+
+
+class AdaptAudit:
+    """ttt.method run as a black box, run(stream) -> its probability of every target, from a fresh copy of the
+    artifact's model; and batch(prefix), the full distribution at the prefix's end from a snapshot (trusted
+    for nothing: audit.substitution spot-checks it against run)."""
+
+    def __init__(self, base: GPT, r: Records, ev: EvalParams, tp: TTTParams, rerun: AdaptRun):
+        self.base, self.r, self.ev, self.tp, self.rerun = base, r, ev, tp, rerun
+
+    def run(self, stream: np.ndarray) -> np.ndarray:
+        if len(stream) == len(self.r.tokens) and np.array_equal(stream, self.r.tokens):
+            return np.exp(-self.rerun.nll.astype(np.float64))  # the report's own run of this very stream
+        _, scores = ttt.adapt(copy.deepcopy(self.base), stream, self.ev, self.tp, self.r.bos, torch.device("cpu"), self.r.n)
+        return np.exp(-np.concatenate([s[0] for _, _, s in scores]).astype(np.float64))
+
+    def batch(self, prefix: np.ndarray) -> np.ndarray:
+        t = len(prefix)
+        k = segment_of(self.r.tokens, self.r.bos, self.rerun.plan, self.tp, t)
+        model = copy.deepcopy(self.base)
+        if k in self.rerun.snapshots:
+            model.load_state_dict(self.rerun.snapshots[k])
+        stream, tp, start = np.append(prefix, 0).astype(prefix.dtype), self.tp, k
+        if tp.method != "chunk_sgd" and not self.ev.tilt_order:  # documents are independent: t's document alone
+            a = int(windows.doc_starts(stream, self.r.bos)[-1])
+            stream, tp, start, t = stream[a:], dataclasses.replace(tp, method="doc_lora"), 0, t - a
+        kept = {t: None}
+        for _ in ttt.adapt(model, stream, self.ev, tp, self.r.bos, torch.device("cpu"), self.r.n, kept, start=start)[1]:
+            pass
+        return kept[t]
+
+
+def adapt_rules(base: GPT, r: Records, adapted_nll: np.ndarray, pass1_nll: np.ndarray, ev: EvalParams, tp: TTTParams,
+                positions: np.ndarray, done: Progress) -> tuple[list[Rule], Callable[[int], np.ndarray]]:
+    """single_pass_adapt (the adapt stage's records equal the report's own score-first run from the artifact, bit
+    for bit), in_range_adapt, and for a method that adapts: substitution_adapt, causality_adapt and, for
+    doc_lora without the tilt, doc_isolation_adapt, all on the method as a black box. Also the distribution
+    behind each audited adapted record, for the cache's audits."""
     if tp.method == "none":
-        rerun, dist = pass1_nll, model_dist(model, r, ev.tilt(r.tokens))
+        rerun, dist, rules = pass1_nll, model_dist(base, r, ev.tilt(r.tokens)), []
     else:
-        rerun, dists = adapt_rerun(model, r, plan, ev, tp, positions)
-        dist = dists.__getitem__
+        plan = ttt.adapt(copy.deepcopy(base), r.tokens, ev, tp, r.bos, torch.device("cpu"), r.n)[0]  # the generator is not started
+        probes = blackbox_positions(r, first_after_commit(r, plan, tp))
+        segments = {segment_of(r.tokens, r.bos, plan, tp, int(t)) for t in probes}
+        run = adapt_rerun(copy.deepcopy(base), r.tokens, r.bos, ev, tp, r.n, positions, segments)
+        done.update(what="adapt rerun")
+        rerun, dist, box = run.nll, run.dists.__getitem__, AdaptAudit(base, r, ev, tp, run)
+        rules = [audit.substitution(box.run, r.tokens, probes, base.p.vocab_size, "substitution_adapt", batch=box.batch, spot=1, spot_at=SPOT_AT)]
+        done.update(what="substitution_adapt")
+        rules.append(audit.causality_cuts("causality_adapt", box.run, r.tokens, audit.cuts(r.n + 1, CUTS, seed=5), tail=CAUSALITY_TAIL))
+        done.update(what="causality_adapt")
+        if tp.method == "doc_lora" and not ev.tilt_order:  # the tilt's table reads earlier documents
+            rules.append(audit.doc_isolation("doc_isolation_adapt", box.run, r.tokens, r.bos, docs=2))
     differ = int(np.count_nonzero(rerun.astype(np.float32) != adapted_nll.astype(np.float32)))
     return [Rule("single_pass_adapt", differ == 0, float(differ), 0,
                  f"ttt.method {tp.method}: the adapt records equal the report's own score-first run from the artifact: {differ} of {len(rerun)} differ"),
-            audit.in_range("in_range_adapt", np.exp(-adapted_nll))], dist
+            audit.in_range("in_range_adapt", np.exp(-adapted_nll)), *rules], dist
+
+
+def blackbox_positions(r: Records, commits: list[int]) -> np.ndarray:
+    """Where the black-box substitution audits look: one seeded target in each of SUBSTITUTION_SPANS equal spans
+    of the stream, the given first targets after state commits, and the stream's last target."""
+    return np.unique(np.concatenate([audit.cuts(r.n + 1, SUBSTITUTION_SPANS, seed=7), commits, [r.n]]).astype(np.int64))
+
+
+def first_after_commit(r: Records, plan: windows.Windows, tp: TTTParams) -> list[int]:
+    """The first target scored after tp.method's first state commit: the second chunk's (chunk_sgd), the second
+    chunk's of the first document that has one (doc_lora, phased)."""
+    if tp.method == "chunk_sgd":
+        spans = ttt.chunks(plan, tp.chunk_tokens)
+        return [int(plan.score_from[spans[1][0]]) + 1] if len(spans) > 1 else []
+    starts = windows.doc_starts(r.tokens, r.bos)
+    long = np.flatnonzero(np.diff(np.append(starts, r.n)) > tp.lora_chunk)
+    return [int(starts[long[0]]) + tp.lora_chunk + 1] if len(long) else []
 
 
 def pass1_causality(model: GPT, tokens: np.ndarray, plan: windows.Windows, positions: np.ndarray, at: np.ndarray, seed: int,
@@ -155,18 +231,39 @@ def scoring_rules(model: GPT, r: Records, pass1_nll: np.ndarray, dist: Callable[
     return rules, reruns[0]
 
 
-def pass1_isolation(model: GPT, tokens: np.ndarray, ev: EvalParams, bos: int) -> Rule:
-    """doc_isolation on pass 1 with eval.doc_isolated: the whole stream scored as the score stage does (its
-    plan rebuilt from each stream), two documents' records unchanged when every other document changes."""
+def pass1_run(model: GPT, ev: EvalParams, bos: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Pass 1 as a black box: the whole stream scored as the score stage does, its plan rebuilt from the stream."""
     def run(stream: np.ndarray) -> np.ndarray:
-        plan = windows.plan(stream, ev.seq_len, ev.stride, True, bos)
+        plan = windows.plan(stream, ev.seq_len, ev.stride, ev.doc_isolated, bos)
         return np.exp(-np.concatenate([s[0] for _, _, s in score_stream(model, stream, plan, ev.batch, CPU, ev.tilt(stream))]).astype(np.float64))
 
-    return audit.doc_isolation("doc_isolation_pass1", run, tokens, bos, docs=2)
+    return run
+
+
+def pass1_isolation(model: GPT, tokens: np.ndarray, ev: EvalParams, bos: int) -> Rule:
+    """doc_isolation on pass 1 with eval.doc_isolated: two documents' records unchanged when every other document changes."""
+    return audit.doc_isolation("doc_isolation_pass1", pass1_run(model, ev, bos), tokens, bos, docs=2)
+
+
+def pass1_substitution(model: GPT, r: Records, ev: EvalParams) -> Rule:
+    """audit.substitution on pass 1 as a black box. The batched path scores only the cut stream's last batch of
+    windows (the one that holds the candidate), as a plain run batches it; spot candidates run the whole stream."""
+    def batch(prefix: np.ndarray) -> np.ndarray:
+        stream, t = np.append(prefix, 0).astype(prefix.dtype), len(prefix)
+        plan = windows.plan(stream, ev.seq_len, ev.stride, ev.doc_isolated, r.bos)
+        kept = {t: None}
+        score_batch(model, stream, plan, (len(plan) - 1) // ev.batch * ev.batch, len(plan), CPU.device, ev.tilt(stream), kept)
+        return kept[t]
+
+    return audit.substitution(pass1_run(model, ev, r.bos), r.tokens, blackbox_positions(r, []),
+                              model.p.vocab_size, "substitution_pass1", batch=batch, spot=1, spot_at=SPOT_AT)
 
 
 CUTS = 4  # causality cuts, one in each quarter of the stream
 SUBSTITUTION_POSITIONS = 16  # of the audited positions, spread over the stream
+SUBSTITUTION_SPANS = 4  # black-box substitution on pass 1 and adapt: one position in each quarter, plus commits
+CAUSALITY_TAIL = 4096  # adapt: random tokens after each cut (the rest removed), so each cut costs a run to it
+SPOT_AT = 2  # of those positions, where a candidate also runs the plain way (each costs a run of the method)
 
 
 def cache_substitution(r: Records, positions: np.ndarray, dist, vocab: int, cp: CacheParams) -> Rule:

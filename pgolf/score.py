@@ -72,18 +72,30 @@ SCHEMA = pa.schema(
 ROW_GROUP = 1 << 20
 
 
-def _distribution(logits: torch.Tensor, targets: torch.Tensor, hint: torch.Tensor | None = None, boost: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(NLL of each target, entropy) of softmax(logits), tilted towards each row's hint where given, in float32."""
+def log_probs(logits: torch.Tensor, hint: torch.Tensor | None = None, boost: float = 0.0) -> torch.Tensor:
+    """float32 log-probabilities of rows of logits, tilted towards each row's hint where given: what records are made of."""
     logp = F.log_softmax(logits.float(), dim=-1)
-    if hint is not None:
-        logp = tilted(logp, hint, boost)
-    nll = -logp.gather(-1, targets[:, None]).squeeze(-1)
-    return nll, -(logp.exp() * logp).sum(-1)
+    return logp if hint is None else tilted(logp, hint, boost)
+
+
+def nll_and_entropy(logp: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(NLL of each target, entropy) of rows of log_probs."""
+    return -logp.gather(-1, targets[:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
+def keep(kept: dict[int, np.ndarray] | None, positions: np.ndarray, logp: torch.Tensor) -> None:
+    """Fill kept[t] with the full distribution behind target t's record, exp of the very log-probabilities its
+    record took (float64 of float32, numpy's exp as the audits take exp(-nll)), for each t the caller put in
+    `kept`: what the method would record for every candidate there, bit for bit, for the report's audits."""
+    for i in np.flatnonzero(np.isin(positions, list(kept or ()))):
+        kept[int(positions[i])] = np.exp(logp[i].detach().cpu().numpy().astype(np.float64))
 
 
 @torch.inference_mode()
-def score_batch(model: GPT, tokens: np.ndarray, w: Windows, i: int, j: int, device: torch.device, tilt: Tilt | None = None) -> torch.Tensor:
-    """[2, targets] float32 NLL and entropy of the targets windows i..j-1 score, in order (with the token tilt, if any)."""
+def score_batch(model: GPT, tokens: np.ndarray, w: Windows, i: int, j: int, device: torch.device, tilt: Tilt | None = None,
+                kept: dict[int, np.ndarray] | None = None) -> torch.Tensor:
+    """[2, targets] float32 NLL and entropy of the targets windows i..j-1 score, in order (with the token tilt, if any);
+    `kept`: see keep()."""
     begin, end = w.begin[i:j], w.end[i:j]
     width = int((end - begin).max())
     # Right padding with real tokens: a causal model's earlier positions never see it.
@@ -94,7 +106,9 @@ def score_batch(model: GPT, tokens: np.ndarray, w: Windows, i: int, j: int, devi
         h = model.hidden(torch.from_numpy(inputs.astype(np.int64)).to(device))
         logits = model.head(h.reshape(-1, h.size(-1))[torch.from_numpy(rows).to(device)])
     hint = None if tilt is None else torch.from_numpy(tilt.hints[w.targets(i, j)]).to(device)
-    return torch.stack(_distribution(logits, targets, hint, 0.0 if tilt is None else tilt.boost))
+    logp = log_probs(logits, hint, 0.0 if tilt is None else tilt.boost)
+    keep(kept, w.targets(i, j), logp)
+    return torch.stack(nll_and_entropy(logp, targets))
 
 
 def score_stream(model: GPT, tokens: np.ndarray, w: Windows, batch: int, d: Dist, tilt: Tilt | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
@@ -222,6 +236,6 @@ def score_reference(model: GPT, tokens: np.ndarray, contexts: np.ndarray) -> np.
     for t in range(1, len(tokens)):
         x = torch.from_numpy(tokens[t - contexts[t - 1] : t].astype(np.int64))[None]
         logits = model.logits(x)[0, -1:]
-        nll, entropy = _distribution(logits, torch.tensor([int(tokens[t])]))
+        nll, entropy = nll_and_entropy(log_probs(logits), torch.tensor([int(tokens[t])]))
         out[:, t - 1] = nll.item(), entropy.item()
     return out

@@ -1,8 +1,8 @@
 """Stage 5b: the packed artifact + val shards -> per-target records after score-first test-time training.
 
 python -m stages.adapt    (reads params.yaml: ttt, eval)
-ttt.method none copies pass 1's records; chunk_sgd scores each chunk of the stream, then trains on it
-(pgolf/ttt.py). The records have the score stage's schema (eval/adapt.parquet), so every audit and BPB
+ttt.method none copies pass 1's records; chunk_sgd, doc_lora and phased score each chunk before they train
+on it (pgolf/ttt.py). The records have the score stage's schema (eval/adapt.parquet), so every audit and BPB
 reads them the same way; metrics/adapt.json sets them beside pass 1's on the same targets.
 """
 import shutil
@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 
-from pgolf import artifact, params, runtime, shards, tokenizer, ttt, windows
+from pgolf import artifact, params, runtime, shards, tokenizer, ttt
 from pgolf.bpb import ByteTables, bits_per_byte
 from pgolf.errors import InputError
 from pgolf.files import staged, write_json
@@ -32,7 +32,6 @@ def main() -> None:
     if pass1.num_rows != len(tokens) - 1:
         raise InputError(f"{SCORES}: {pass1.num_rows} records for {len(tokens) - 1} validation targets (run dvc repro)")
     tables = ByteTables.from_sentencepiece(sp, model.p.vocab_size)
-    plan = windows.plan(tokens, ev.seq_len, ev.stride, ev.doc_isolated, sp.bos_id())
     d = runtime.setup()  # one process: each chunk's training needs the whole model before the next chunk is scored
     model.to(d.device)
     t = time.perf_counter()
@@ -42,7 +41,7 @@ def main() -> None:
             shutil.copyfile(SCORES, out)
             progress.update(len(tokens) - 1)
         else:
-            scores = ttt.chunk_sgd(model, tokens, plan, ev.batch, ev.seq_len, tp, d.device, tilt=ev.tilt(tokens))
+            plan, scores = ttt.adapt(model, tokens, ev, tp, sp.bos_id(), d.device)
             write_records(model, tokens, plan, ev.batch, tables, sp.bos_id(), d, out, progress, scores=scores)
         seconds = time.perf_counter() - t
         adapted = pq.read_table(out, columns=["nll", "bytes"])
@@ -57,8 +56,9 @@ def main() -> None:
             "seconds": round(seconds, 2),
             "tokens_per_s": round((len(tokens) - 1) / max(seconds, 1e-9), 1),
             "method": tp.method,
-            "chunks": len(ttt.chunks(plan, tp.chunk_tokens)) if tp.method != "none" else 0,
-            "adapted_params": sum(q.numel() for q in ttt.trainable(model, tp.blocks)) if tp.method != "none" else 0,
+            "chunks": len(plan) if tp.method in ("doc_lora", "phased") else len(ttt.chunks(plan, tp.chunk_tokens)) if tp.method != "none" else 0,
+            "adapted_params": ttt.adapted_params(model, tp)[0],
+            "adapter_params_per_doc": ttt.adapted_params(model, tp)[1],
             "state_bytes": ttt.state_bytes(model, tp),
         })
 

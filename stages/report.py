@@ -46,7 +46,7 @@ def main() -> None:
     m = {name: read_json(METRICS / f"{name}.json") for name in ("tokenize", "train", "quant", "pack", "score", "adapt", "rescore")}
     quant = read_json(DETAILS / "quant.json")["tensors"]
     need(SCORES, ADAPTED, RESCORES, ARTIFACT, CHECKPOINT, DOC_INDEX, QUANTIZED)
-    steps = Progress("report", 9, "steps", every=0)
+    steps = Progress("report", 9 if tp.method == "none" else 12, "steps", every=0)
     sp = tokenizer.load(TOKENIZER)
     tokens = shards.split_tokens(SHARDS, "val")
     rec, adapted, res = pq.read_table(SCORES), pq.read_table(ADAPTED), pq.read_table(RESCORES)
@@ -63,10 +63,10 @@ def main() -> None:
     plan = windows.plan(tokens, ev.seq_len, ev.stride, ev.doc_isolated, r.bos)
     pass1_nll = rec.column("nll").to_numpy().astype(np.float64)
     positions, _ = rules.audited(r, vp)
-    # The report's own run of the adaptation, from a fresh copy of the artifact's model.
-    checked, adapted_dist = rules.adapt_rules(artifact.load_model(ARTIFACT).eval(), r, adapted.column("nll").to_numpy(), pass1_nll, plan,
-                                              ev, tp, positions)
-    steps.update(what="adapt rerun")
+    # The report's own runs of the adaptation, each from a fresh copy of the artifact's model.
+    checked, adapted_dist = rules.adapt_rules(model, r, adapted.column("nll").to_numpy(), pass1_nll, ev, tp, positions, steps)
+    checked.append(rules.pass1_substitution(model, r, ev))
+    steps.update(what="substitution_pass1")
     dist = rules.model_dist(model, r, ev.tilt(tokens)) if cp.input == "score" else adapted_dist
     scoring, rerun = rules.scoring_rules(model, r, pass1_nll, dist, plan, vp, cp, ev, steps)
     checked += scoring

@@ -10,30 +10,36 @@ import torch
 
 from pgolf import audit, params, ttt, windows
 from pgolf.errors import InputError
+from pgolf.lora import DocLoRA
 from pgolf.model import GPT, ModelParams
+from pgolf.score import EvalParams, score_reference
 from pgolf.ttt import TTTParams
 from conftest import run_stage, run_stages, shards_params, tiny_params
 
 V = 16
 TP = TTTParams(method="chunk_sgd", chunk_tokens=48, epochs=2, lr=0.05, momentum=0.9, grad_clip=1.0, blocks=0, batch_seqs=2)
+LORA = dataclasses.replace(TP, method="doc_lora", lora_rank=4, lora_chunk=8, lora_lr=0.01, lora_docs=3)
+PHASED = dataclasses.replace(LORA, method="phased", phases=2, phase_docs=4, chunk_tokens=32, epochs=1)
+EV = EvalParams(seq_len=16, stride=16, batch=4, doc_isolated=False)
 
 
-def tiny_model() -> GPT:
+def tiny_model(**changes) -> GPT:
     torch.manual_seed(0)
-    return GPT(dataclasses.replace(params.section(tiny_params(), "model", ModelParams), vocab_size=V)).eval()
+    return GPT(dataclasses.replace(params.section(tiny_params(), "model", ModelParams), vocab_size=V, **changes)).eval()
 
 
 BASE = tiny_model()
 STREAM = np.random.default_rng(0).integers(2, V, 200).astype(np.uint16)
 STREAM[[0, 70, 140]] = 1
+DOCS = np.random.default_rng(1).integers(2, V, 300).astype(np.uint16)
+DOCS[[0, 30, 31, 75, 150, 160, 230]] = 1  # seven documents, one of them empty
 
 
-def adapted(stream: np.ndarray, tp: TTTParams = TP, passes: int = 1) -> np.ndarray:
-    """What chunk_sgd records for every target of `stream`, from a fresh copy of the model."""
-    model = copy.deepcopy(BASE)
-    plan = windows.plan(stream, 16, 16)
+def adapted(stream: np.ndarray, tp: TTTParams = TP, passes: int = 1, base: GPT = BASE, n: int | None = None) -> np.ndarray:
+    """What tp.method records for every target of `stream`, from a fresh copy of the model."""
+    model = copy.deepcopy(base)
     for _ in range(passes):  # passes > 1: the field's multi-epoch TTT that reports its last pass
-        scores = [s[0] for _, _, s in ttt.chunk_sgd(model, stream, plan, 4, 16, tp, torch.device("cpu"))]
+        scores = [s[0] for _, _, s in ttt.adapt(model, stream, EV, tp, 1, torch.device("cpu"), n)[1]]
     return np.exp(-np.concatenate(scores).astype(np.float64))
 
 
@@ -62,9 +68,70 @@ def test_reporting_a_later_pass_is_caught_by_causality():
     assert not rule.passed and rule.figure > 0
 
 
+def test_the_schedule_is_fixed_by_the_validation_length_it_is_told():
+    # A cut stream told the full length learns at the full run's rates, so it scores every target alike (cut
+    # at a window's end: a stream's last window reaches back a full seq_len).
+    full = adapted(STREAM, n=len(STREAM) - 1)
+    assert np.array_equal(adapted(STREAM[:145], n=len(STREAM) - 1), full[:144])
+    assert not np.array_equal(adapted(STREAM[:145]), full[:144])
+
+
+def test_doc_windows_chunk_each_document_within_itself():
+    w = ttt.doc_windows(DOCS, 1, 8, 16)
+    starts = windows.doc_starts(DOCS, 1)
+    assert np.array_equal(w.targets(0, len(w)), np.arange(1, len(DOCS)))  # every target once, in order
+    doc = windows.doc_of(w.end, starts)
+    assert np.all(w.begin >= starts[doc]) and np.all(w.end - w.begin <= 16) and np.all(w.scored <= 8)
+    assert np.all((w.score_from - starts[doc]) % 8 == 0)  # chunks of 8 from each document's start
+
+
+def test_fresh_adapters_leave_the_model_unchanged():
+    looped = tiny_model(layers=3, loops=1, loop_start=1, loop_end=1)  # block 1 runs twice: each run gets its own adapters
+    x = torch.from_numpy(DOCS[:40].astype(np.int64)).reshape(2, 20)
+    lora = DocLoRA(looped, 2, 4, 144.0, ("q", "k", "v", "o", "mlp", "head"))
+    assert len(lora.A) == 5 * 4 + 1
+    with torch.no_grad():
+        assert torch.equal(lora.logits(looped, x, torch.tensor([0, 1])), looped.logits(x))
+        lora.B["o2"].fill_(0.1)  # slot 2: block 1's second run
+        moved = lora.logits(looped, x, torch.tensor([0, 1]))
+    assert not torch.equal(moved, looped.logits(x))
+
+
+def test_doc_lora_batched_equals_one_document_at_a_time():
+    batched, alone = adapted(DOCS, LORA), adapted(DOCS, dataclasses.replace(LORA, lora_docs=1))
+    assert np.array_equal(batched, alone)
+    frozen = adapted(DOCS, dataclasses.replace(LORA, lora_lr=0.0))
+    assert not np.array_equal(batched, frozen)
+    # With nothing learned, each target is the plain model's on its window (the reference scores one target a run).
+    w = ttt.doc_windows(DOCS, 1, 8, 16)
+    reference = np.exp(-score_reference(BASE, DOCS, w.contexts(0, len(w)))[0].astype(np.float64))
+    assert np.allclose(frozen, reference, rtol=1e-5)
+    first = windows.doc_starts(DOCS, 1)[:, None] + np.arange(1, 9)  # each document's first chunk: no step yet
+    first = first[first < len(DOCS)]
+    assert np.array_equal(batched[first - 1], frozen[first - 1])
+
+
+@pytest.mark.parametrize("tp", [LORA, PHASED], ids=["doc_lora", "phased"])
+def test_per_document_methods_pass_the_black_box_audits(tp):
+    def run(stream):
+        return adapted(stream, tp)
+
+    p = run(DOCS)
+    positions = np.array([1, 9, 10, 40, 84, 161, 200, 299])  # after a document's first step, after the phase at document 4
+    assert audit.substitution(run, DOCS, positions, V).passed
+    assert audit.causality_cuts("causality", run, DOCS, audit.cuts(len(DOCS), 4)).passed
+    assert audit.in_range("in_range", p).passed
+    isolated = audit.doc_isolation("doc_isolation", run, DOCS, 1, docs=3)
+    assert isolated.passed == (tp.method == "doc_lora")  # phases carry what earlier documents taught
+    if tp.method == "phased":
+        assert not np.array_equal(p, adapted(DOCS, LORA))  # the phase changed what later documents score
+
+
 def test_bad_ttt_params_name_their_key():
     with pytest.raises(InputError, match="ttt.method"):
-        dataclasses.replace(TP, method="doc_lora")
+        dataclasses.replace(TP, method="slot")
+    with pytest.raises(InputError, match="ttt.lora_targets"):
+        dataclasses.replace(TP, lora_targets="q gate")
     with pytest.raises(InputError, match="ttt.momentum"):
         dataclasses.replace(TP, momentum=1.0)
 
@@ -94,6 +161,12 @@ def test_the_stage_chain_with_ttt_and_the_cache_on_its_records(tmp_path, fineweb
     assert report["passed"] and report["ttt_method"] == "chunk_sgd" and report["val_bpb_adapt"] == m["val_bpb"]
     assert rules["single_pass_adapt"]["passed"] and "chunk_sgd" in rules["single_pass_adapt"]["detail"]
     assert json.loads((root / "metrics/rescore.json").read_text())["input"] == "adapt"
+    assert all(rules[k]["passed"] for k in ("substitution_adapt", "causality_adapt", "substitution_pass1")) and "doc_isolation_adapt" not in rules
+    p["ttt"].update(method="doc_lora", lora_chunk=32, lora_lr=0.001)
+    run_stages(root, p, "adapt", "rescore", "report")
+    rules = json.loads((root / "reports/details/report.json").read_text())["rules"]
+    assert json.loads((root / "metrics/adapt.json").read_text())["method"] == "doc_lora"
+    assert all(rules[k]["passed"] for k in ("single_pass_adapt", "substitution_adapt", "causality_adapt", "doc_isolation_adapt"))
     # Records altered after the fact are caught: the report reruns the method itself.
     table = adapted_records.to_pydict()
     table["nll"][5] *= 0.5

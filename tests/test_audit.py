@@ -173,7 +173,7 @@ def test_the_real_pipeline_passes_every_rule(pipeline):
     assert report["passed"] and all(r["passed"] for r in rules.values()) and report["rules_passed"] == report["rules"] == len(rules)
     assert all(not isinstance(v, (dict, list)) for v in report.values())  # flat headline figures for dvc metrics show
     assert set(rules) == {"single_pass_adapt", "in_range_adapt", "normalization", "substitution_cache", "causality_cache", "causality_pass1",
-                          "single_pass", "in_range_pass1", "in_range_cache",
+                          "substitution_pass1", "single_pass", "in_range_pass1", "in_range_cache",
                           "artifact_bytes", "state_bytes", "cache_overhead", "training_budget", "eval_budget", "val_not_in_train",
                           "val_not_in_calibration", "bytes_are_utf8"}
     assert "disagreed with a plain run on 0 of" in rules["substitution_cache"]["detail"] and "4 cuts" in rules["causality_cache"]["detail"]

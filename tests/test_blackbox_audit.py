@@ -58,6 +58,29 @@ def chunk_ttt(s):  # each chunk scored with what earlier chunks taught, then tra
     return np.array([mix(neural(s, t), counts(s[1 : 1 + (t - 1) // CHUNK * CHUNK]))[s[t]] for t in range(1, len(s))])
 
 
+def doc_chunks(s, lo, t, chunk=8):  # the tokens of t's document in chunks before t's own
+    return s[lo + 1 : lo + 1 + (t - 1 - lo) // chunk * chunk]
+
+
+def doc_lora(s):  # per document: each chunk scored with what the document's earlier chunks taught
+    starts = np.flatnonzero(s == BOS)
+    out = []
+    for t in range(1, len(s)):
+        lo = starts[starts < t].max(initial=0)
+        out.append(mix(neural(s, t, lo), counts(doc_chunks(s, lo, t)))[s[t]])
+    return np.array(out)
+
+
+def phased(s):  # doc_lora, plus what the documents before position 100 taught, once all of them are scored
+    starts = np.flatnonzero(s == BOS)
+    out = []
+    for t in range(1, len(s)):
+        lo = starts[starts < t].max(initial=0)
+        done = counts(s[1 : starts[starts <= 100].max()]) if lo > 100 else 0
+        out.append(mix(neural(s, t, lo), counts(doc_chunks(s, lo, t)) + done)[s[t]])
+    return np.array(out)
+
+
 def tilt_p(s, t, hint, beta=1.0):
     p = neural(s, t)
     q = p * np.exp(beta * (np.arange(V) == hint))
@@ -79,6 +102,10 @@ def trained_before_scored(s):  # the chunk holding t is in the counts when t is 
 
 def last_epoch(s):  # epoch 1 trains on every chunk; what is reported is epoch 2's scores
     return np.array([mix(neural(s, t), counts(s[1:]))[s[t]] for t in range(1, len(s))])
+
+
+def trained_on_validation(s):  # all of validation trained on first, then scored with legal chunked TTT on top
+    return np.array([mix(neural(s, t), 0.3 * counts(s[1:]) + counts(s[1 : 1 + (t - 1) // CHUNK * CHUNK]))[s[t]] for t in range(1, len(s))])
 
 
 def slot(s):  # a delta fitted to the window being scored (16 targets), then used to score that window
@@ -126,7 +153,8 @@ def verdicts(run, per_document=False) -> dict:
     return {r.name: r.passed for r in rules}
 
 
-@pytest.mark.parametrize("run, per_document", [(sliding, False), (doc_isolated, True), (cache, False), (chunk_ttt, False), (tilt, False)])
+@pytest.mark.parametrize("run, per_document", [(sliding, False), (doc_isolated, True), (cache, False), (chunk_ttt, False), (tilt, False),
+                                                (doc_lora, True), (phased, False)])
 def test_legal_methods_pass_every_audit(run, per_document):
     assert all(verdicts(run, per_document).values()), verdicts(run, per_document)
 
@@ -134,6 +162,7 @@ def test_legal_methods_pass_every_audit(run, per_document):
 @pytest.mark.parametrize("run, broken", [
     (trained_before_scored, {"substitution", "causality"}),
     (last_epoch, {"substitution", "causality"}),
+    (trained_on_validation, {"substitution", "causality"}),
     (slot, {"substitution", "causality"}),
     (around_target, {"substitution"}),
     (negative_mixture, {"substitution", "in_range"}),
@@ -147,6 +176,17 @@ def test_invalid_methods_fail_for_the_right_reason(run, broken):
 def test_a_smear_across_bos_breaks_document_isolation():
     v = verdicts(smear_leak, per_document=True)
     assert not v["doc_isolation"] and v["substitution"] and v["causality"], v
+
+
+def test_global_phases_are_not_per_document():
+    assert not audit.doc_isolation("doc_isolation", phased, TOKENS, BOS).passed
+
+
+def test_causality_with_a_short_random_tail_still_sees_lookahead():
+    # Only `tail` random tokens follow each cut and the rest are removed: removing is changing, so a method that
+    # reads anything after the cut moves, however far ahead it reads.
+    assert not audit.causality_cuts("causality", last_epoch, TOKENS, CUTS, tail=3).passed
+    assert audit.causality_cuts("causality", chunk_ttt, TOKENS, CUTS, tail=3).passed
 
 
 def test_a_trusted_fast_path_is_spot_checked_against_plain_runs():
