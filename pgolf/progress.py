@@ -23,12 +23,15 @@ class Progress:
     def __init__(self, what: str, total: float = 0, unit: str = "items", every: float = 5.0):
         self.what, self.total, self.unit, self.every = what, total, unit, every
         self.count = 0.0
-        self.start = self.last = time.monotonic()
+        self.start = self.last = self.mark = time.monotonic()
+        self.laps: dict[str, float] = {}  # seconds of each step named by update(what=...), since the one before
 
     def update(self, n: float = 1, count: float | None = None, what: str = "") -> None:
         """Add n, or set the running count; log (naming `what` was just done) if `every` seconds have passed."""
         self.count = count if count is not None else self.count + n
         now = time.monotonic()
+        if what:
+            self.laps[what], self.mark = round(now - self.mark, 2), now
         if now - self.last >= self.every:
             self.last = now
             self._log(now, what)

@@ -102,7 +102,7 @@ def main() -> None:
         write_bytes(by_pos_csv, report.csv_bytes(["bucket", "from_position", "targets", "neural", "cache"], by_pos))
         write_bytes(quant_csv, report.csv_bytes(["tensor", "bits", "h_error"], [[k, v["bits"], float(v["h_error"])] for k, v in quant.items()]))
         write_json(report_json, headline)
-        write_json(details_json, {"rules": {x.name: x.as_dict() for x in checked}, "seconds": seconds})
+        write_json(details_json, {"rules": {x.name: x.as_dict() for x in checked}, "seconds": seconds, "report_steps": steps.laps})
         write_bytes(report_md, report.markdown(headline, checked, seconds, p, list(plots)).encode())
         plots_dir.mkdir()
         for name, svg in plots.items():

@@ -16,3 +16,13 @@ def test_each_update_logs_rate_eta_and_what_was_done(capsys):
     assert err.startswith("report: normalization, 1 steps / 4 steps (25%), ETA ") and err.rstrip().endswith("steps/s")
     p.done("all rules pass")
     assert capsys.readouterr().err.startswith("report: 1 steps in ")
+
+
+def test_named_steps_keep_their_own_seconds(monkeypatch):
+    clock = iter([100.0, 101.5, 104.0, 104.25])
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    p = Progress("report", 3, "steps", every=1e9)
+    p.update(what="adapt rerun")
+    p.update(what="substitution_adapt")
+    p.update()  # unnamed: no lap
+    assert p.laps == {"adapt rerun": 1.5, "substitution_adapt": 2.5}
