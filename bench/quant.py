@@ -23,7 +23,7 @@ from pathlib import Path
 from bench.common import FINEWEB, REPO, save
 from bench.train import comparison_data, comparison_model
 from pgolf import codes, lqer, pack, params, quantize, shards
-from pgolf.bpb import ByteTables
+from pgolf.bpb import ByteTables, position_bytes
 from pgolf.loader import TokenStream
 from pgolf.lqer import LqerParams
 from pgolf.quantize import QuantBits, QuantParams, QuantSigmas
@@ -51,7 +51,7 @@ def main() -> None:
         model = comparison_model(shards_dir, Path(tmp))
         tables = ByteTables.from_sentencepiece(args.fineweb / "tokenizers" / "fineweb_1024_bpe.model")
         val = validation_tokens(shards_dir, 256, 262_144)
-        _, float_bpb = evaluate(model, val, 256, 64, tables, d)
+        _, float_bpb = evaluate(model, val, 256, 64, position_bytes(val, tables), d)
         print(f"float model val_bpb {float_bpb:.4f}")
         n, seq = base.calib_seqs, base.seq_len
         train_calib = TokenStream(shards.list_shards(shards_dir, "train")).take(n * seq + 1)
@@ -82,7 +82,7 @@ def main() -> None:
                                                for k, v in meta["tensors"].items()}}
                 variants.append((" +LQER", fixed, lq_meta))
             for suffix, tens, m in variants:
-                _, bpb = evaluate(codes.model_from_tensors(tens, m), val, 256, 64, tables, d)
+                _, bpb = evaluate(codes.model_from_tensors(tens, m), val, 256, 64, position_bytes(val, tables), d)
                 blob, _ = pack.pack_quantized(tens, m, 22, "zstd")
                 row = {"study": study, "bits": q.bits.attn, "setting": label + suffix, "val_bpb": round(bpb, 5),
                        "penalty": round(bpb - float_bpb, 5), "artifact_bytes": len(blob), "quantize_seconds": round(seconds, 2)}

@@ -22,7 +22,7 @@ import torch
 from bench.common import FINEWEB, REPO, save
 from bench.train import comparison_data, comparison_params
 from pgolf import params, trainer
-from pgolf.bpb import ByteTables
+from pgolf.bpb import ByteTables, position_bytes
 from pgolf.model import ModelParams
 from pgolf.runtime import CPU
 from pgolf.trainer import TrainParams
@@ -79,7 +79,7 @@ def main() -> None:
             model_p, train_p = setups[name]
             model = trainer.build(model_p, seed, CPU.device)
             run = trainer.train(model, train_p, CPU, shards_dir, Path(tmp) / f"run-{len(rows)}", seed)
-            _, val_bpb = evaluate(model, val, 256, 64, tables, CPU)
+            _, val_bpb = evaluate(model, val, 256, 64, position_bytes(val, tables), CPU)
             ms = run.train_ms / run.step
             rows.append({"setup": name, "seed": seed, "params": sum(p.numel() for p in model.parameters()), "steps": run.step,
                          "ms_per_step": round(ms, 1), "train_loss": round(run.train_loss, 4), "val_bpb": round(val_bpb, 4)})

@@ -40,7 +40,7 @@ import torch
 from bench.common import FINEWEB, REPO, save
 from bench.train import comparison_data, comparison_model
 from pgolf import artifact, pack, params, quantize, runtime, shards, windows
-from pgolf.bpb import ByteTables
+from pgolf.bpb import ByteTables, position_bytes
 from pgolf.runtime import CPU
 from pgolf.loader import TokenStream
 from pgolf.quantize import QuantParams
@@ -63,7 +63,7 @@ def ours(model, tokens: np.ndarray, ev: EvalParams, tables: ByteTables, out: Pat
     """(seconds, val_bpb, targets scored) of the score stage's path on `tokens`."""
     t = time.perf_counter()
     plan = windows.plan(tokens, ev.seq_len, ev.stride, ev.doc_isolated, bos_id=1)
-    totals = write_records(model, tokens, plan, ev.batch, tables, 1, CPU, out)
+    totals = write_records(model, tokens, plan, ev.batch, position_bytes(tokens, tables), 1, CPU, out)
     return time.perf_counter() - t, totals.val_bpb, totals.tokens
 
 

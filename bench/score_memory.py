@@ -15,7 +15,7 @@ from pathlib import Path
 
 from bench.common import REPO, save
 from pgolf import artifact, runtime, shards, windows
-from pgolf.bpb import ByteTables
+from pgolf.bpb import ByteTables, position_bytes
 from pgolf.runtime import CPU
 from pgolf.layout import SHARDS, TOKENIZER
 from pgolf.score import write_records
@@ -52,7 +52,7 @@ def main() -> None:
     sampler = Sampler(args.targets // 10)
     start = rss_mb()
     with tempfile.TemporaryDirectory() as tmp:
-        write_records(model, tokens, plan, 8, tables, 1, CPU, Path(tmp) / "r.parquet", sampler)
+        write_records(model, tokens, plan, 8, position_bytes(tokens, tables), 1, CPU, Path(tmp) / "r.parquet", sampler)
     first, last = sampler.samples[0], sampler.samples[-1]
     growth = (last[2] - first[2]) / max(last[1] - first[1], 1e-9)
     print(f"resident memory {start:,.0f} MB at start, {first[2]:,.0f} -> {last[2]:,.0f} MB from {first[0]:,} to {last[0]:,} targets: {growth:+.1f} MB/s")

@@ -20,7 +20,7 @@ import torch
 
 from bench.common import FINEWEB, REPO, save
 from pgolf import checkpoint, params, trainer
-from pgolf.bpb import ByteTables
+from pgolf.bpb import ByteTables, position_bytes
 from pgolf.dataset import export_docs
 from pgolf.runtime import CPU
 from pgolf.documents import DocFile, DocReader
@@ -87,7 +87,7 @@ def main() -> None:
         for seed in args.seeds:
             model = trainer.build(model_p, seed, d.device)
             run = trainer.train(model, train_p, d, shards_dir, Path(tmp) / f"run{seed}", seed)
-            val_loss, val_bpb = evaluate(model, val, 256, 64, tables, d)
+            val_loss, val_bpb = evaluate(model, val, 256, 64, position_bytes(val, tables), d)
             checkpoint.save_model(CACHE / f"model_{seed}_{args.steps}.safetensors", model, {"val_bpb": val_bpb})
             ms = run.train_ms / run.step
             row = {"seed": seed, "steps": run.step, "ms_per_step": round(ms, 1), "tokens_per_s": round(8192 / ms * 1000, 1),

@@ -68,11 +68,12 @@ def main() -> None:
     tilted = dataclasses.replace(ev, tilt_order=3, tilt_threshold=2, tilt_boost=1.0)
     measure("pass 1", score_stream(model, tokens, plan, 256, CPU), None)
     measure("pass 1 + tilt (order 3, threshold 2, boost 1)", score_stream(model, tokens, plan, 256, CPU, tilted.tilt(tokens)), None)
-    lora = dataclasses.replace(base_tp, method="doc_lora")
+    lora = dataclasses.replace(params.section(p, "ttt", TTTParams), method="doc_lora")
     variants = [("chunk_sgd (params.yaml)", base_tp, ev), ("chunk_sgd lr 0.005", dataclasses.replace(base_tp, lr=0.005), ev),
                 ("doc_lora lr 0 (its windows alone)", dataclasses.replace(lora, lora_lr=0.0), ev),
-                ("doc_lora (params.yaml)", lora, ev), ("doc_lora lr 0.001", dataclasses.replace(lora, lora_lr=0.001), ev),
-                ("doc_lora rank 32", dataclasses.replace(lora, lora_rank=32), ev),
+                ("doc_lora (params.yaml)", lora, ev), ("doc_lora lr 0.003", dataclasses.replace(lora, lora_lr=0.003), ev),
+                ("doc_lora chunk 48", dataclasses.replace(lora, lora_chunk=48), ev),
+                ("doc_lora chunk 48, lr 1e-4 (#1855's)", dataclasses.replace(lora, lora_chunk=48, lora_lr=1e-4), ev),
                 ("phased (params.yaml, 3 phases over the first 300 documents)", dataclasses.replace(lora, method="phased", phase_docs=300), ev),
                 ("chunk_sgd (params.yaml) + tilt", base_tp, tilted), ("doc_lora (params.yaml) + tilt", lora, tilted)]
     for name, tp, e in variants:

@@ -32,12 +32,13 @@ class VerifyParams:
     strict: bool  # fail the stage, after writing the report, when a rule is broken
     max_train_seconds: float = 0.0  # training + Hessian collection on training data (challenge: 600 on 8xH100); 0 = no budget
     max_eval_seconds: float = 0.0  # score + adapt + rescore (challenge: 600 on 8xH100); 0 = no budget
+    val_docs: int = 0  # the validation documents the challenge scores (50,000); 0 = no requirement
 
     def __post_init__(self) -> None:
         if (self.positions < 1 or self.audit_tokens < 0 or self.byte_limit < 1 or self.max_state_bytes < 1 or self.max_overhead <= 0
-                or self.max_train_seconds < 0 or self.max_eval_seconds < 0):
+                or self.max_train_seconds < 0 or self.max_eval_seconds < 0 or self.val_docs < 0):
             raise InputError("params.yaml: verify.positions, byte_limit, max_state_bytes and max_overhead must be positive, "
-                             "audit_tokens, max_train_seconds and max_eval_seconds >= 0")
+                             "audit_tokens, max_train_seconds, max_eval_seconds and val_docs >= 0")
 
 
 SUM_TOLERANCE = 1e-6
@@ -125,16 +126,6 @@ def at_most(name: str, figure: float, limit: float, what: str) -> Rule:
 def disjoint(name: str, val_hashes: np.ndarray, other_hashes: np.ndarray, what: str) -> Rule:
     shared = int(np.isin(val_hashes, other_hashes).sum())
     return Rule(name, shared == 0, shared, 0, f"{shared} validation documents also in {what}")
-
-
-def equal(name: str, figure: int, expected: int, what: str) -> Rule:
-    return Rule(name, figure == expected, figure, expected, f"{what}: {figure:,} (expected {expected:,})")
-
-
-def decoded_bytes(decode: Callable[[list[int]], str], tokens: np.ndarray, starts: np.ndarray) -> int:
-    """UTF-8 bytes of the documents tokens[starts[i]:starts[i+1]] decoded without their BOS."""
-    ends = np.append(starts[1:], len(tokens))
-    return sum(len(decode(tokens[a + 1 : b].tolist()).encode("utf-8")) for a, b in zip(starts, ends))
 
 
 # Black-box audits: they call the method only as run(stream) -> the probability it records for every target

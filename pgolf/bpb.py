@@ -1,9 +1,14 @@
-"""Bits per byte: the byte tables and the formula, as the challenge defines them. Every stage uses this.
+"""Bits per byte: the byte tables, the byte sidecar and the formula, as the challenge defines them. Every
+stage uses this.
 
 A scored target y after input x counts base_bytes[y] + (leading_space[y] and not boundary[x])
 bytes: the UTF-8 length of y's piece without its "▁", plus one for the "▁" unless x is a
 boundary (control/unknown/unused) token such as BOS. Byte-fallback pieces count 1; control and
 unknown pieces count 0. BPB = sum NLL (nats) / (ln 2 * sum bytes).
+
+Under a text transform (CaseOps) the pieces spell the transformed text, so the tables would count its
+bytes; the validation split then carries a byte sidecar (fineweb_val_bytes_*.bin, pgolf/shards.py)
+giving each token the UTF-8 bytes of the original text it stands for, and every BPB reads that instead.
 """
 from __future__ import annotations
 
@@ -58,6 +63,28 @@ class ByteTables:
         if tokens.size < 2:
             return 0
         return int(self.target_bytes(tokens[:-1], tokens[1:]).sum(dtype=np.int64))
+
+
+def position_bytes(tokens: np.ndarray, tables: ByteTables, sidecar: np.ndarray | None = None) -> np.ndarray:
+    """Bytes of each target of a stream by position (int32; [t] for target t = 1..N, [0] = 0): the sidecar's
+    where the split has one, else the tables'."""
+    if sidecar is not None:
+        if len(sidecar) != len(tokens):
+            raise ValueError(f"a byte sidecar of {len(sidecar)} counts for {len(tokens)} tokens")
+        out = np.asarray(sidecar).astype(np.int32)
+        out[:1] = 0
+        return out
+    out = np.zeros(len(tokens), dtype=np.int32)
+    if len(tokens) > 1:
+        out[1:] = tables.target_bytes(tokens[:-1], tokens[1:])
+    return out
+
+
+def val_position_bytes(shards_dir: Path, tokens: np.ndarray, tables: ByteTables) -> np.ndarray:
+    """position_bytes of the validation split, with its byte sidecar when the shard folder holds one."""
+    from pgolf.shards import read_sidecar  # shards' readers stay free of the byte rule
+
+    return position_bytes(tokens, tables, read_sidecar(shards_dir))
 
 
 def bits_per_byte(nll_nats: float, n_bytes: int) -> float:

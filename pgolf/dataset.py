@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from pgolf import shards, tokenizer
-from pgolf.bpb import ByteTables
+from pgolf import caseops, shards, tokenizer
+from pgolf.bpb import ByteTables, position_bytes
 from pgolf.doc_index import DocIndexWriter
 from pgolf.doc_records import doc_records
 from pgolf.documents import DocReader
@@ -81,8 +81,10 @@ def export_docs(
     val_docs: int,
     shard_tokens: int,
     workers: int = 0,
+    transform: str = "none",
 ) -> dict[str, dict]:
-    """Encode the reader's documents into shards under out_dir and their records into index_path.
+    """Encode the reader's documents into shards under out_dir and their records into index_path; with
+    transform caseops, the validation byte sidecar beside the validation shards.
 
     Returns per split: docs, tokens, bytes (BPB byte count) and the shards written.
     """
@@ -90,21 +92,25 @@ def export_docs(
     progress = Progress("tokenize", total=reader.total_bytes, unit="B")
     index = DocIndexWriter(index_path)
     splits = {name: _Split(name, index) for name in shards.SPLITS}
-    writers = {name: shards.ShardWriter(out_dir, name, shard_tokens) for name in shards.SPLITS}
+    writers = {name: shards.ShardWriter(out_dir, name, shard_tokens) for name in (*shards.SPLITS, shards.SIDECAR)}
     try:
-        for enc in encode_batches(model, batched(reader), workers):
+        for enc in encode_batches(model, batched(reader), workers, transform):
             val, train = enc.split(max(0, val_docs - splits["val"].docs))
             for name, part in (("val", val), ("train", train)):
                 if len(part.lengths):
                     writers[name].add(part.tokens)
                     splits[name].record(part.lengths, part.nbytes, part.hashes)
+            if val.sidecar is not None and len(val.lengths):
+                writers[shards.SIDECAR].add(val.sidecar)  # the same counts as val's tokens: the same shard edges
             if splits["train"].docs:
                 writers["val"].close()  # validation is complete: write its last shard now
+                writers[shards.SIDECAR].close()
             progress.update(count=reader.bytes_read)
     finally:
         index.close()
     for name in shards.SPLITS:
         splits[name].shards = writers[name].close()
+    writers[shards.SIDECAR].close()
     if splits["val"].docs < val_docs:
         files = ", ".join(str(f.path) for f in reader.files)
         raise InputError(f"data.val_docs is {val_docs} but {files} holds only {splits['val'].docs} documents")
@@ -112,8 +118,10 @@ def export_docs(
     return {name: s.summary() for name, s in splits.items()}
 
 
-def export_reference(texts: list[str], sp: spm.SentencePieceProcessor, out_dir: Path, val_docs: int, shard_tokens: int) -> None:
+def export_reference(texts: list[str], sp: spm.SentencePieceProcessor, out_dir: Path, val_docs: int, shard_tokens: int,
+                     transform: str = "none") -> None:
     """The plain definition of export_docs' shards: what the fast path must reproduce byte for byte."""
+    texts = [caseops.encode(text) for text in texts] if transform == "caseops" else texts
     docs = [[sp.bos_id()] + sp.encode(text) for text in texts]
     for split, part in (("val", docs[:val_docs]), ("train", docs[val_docs:])):
         stream = np.array([t for doc in part for t in doc], dtype="<u2")
@@ -121,14 +129,21 @@ def export_reference(texts: list[str], sp: spm.SentencePieceProcessor, out_dir: 
             shards.write_shard(out_dir / shards.shard_name(split, i), stream[start : start + shard_tokens])
 
 
-def import_shards(folder: Path, model: Path, out_dir: Path, index_path: Path) -> dict[str, dict]:
-    """Validate existing challenge shards against their tokenizer and link them into out_dir unchanged."""
+def import_shards(folder: Path, model: Path, out_dir: Path, index_path: Path, transform: str = "none") -> dict[str, dict]:
+    """Validate existing challenge shards against their tokenizer and link them into out_dir unchanged, with
+    the validation byte sidecar where there is one (required with transform caseops): it must run beside
+    the validation shards and give every document the bytes its tokens decode to."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"data.shards: {folder}: no such folder")
     sp = tokenizer.load(model)
     tables = ByteTables.from_sentencepiece(sp)
     bos = sp.bos_id()
+    ops = caseops.operator_ids(sp, str(model)) if transform == "caseops" else None
+    sidecar = shards.read_sidecar(folder)
+    if ops is not None and sidecar is None:
+        raise InputError(f"{folder}: tokenizer.transform is caseops but there is no validation byte sidecar "
+                         f"({shards.shard_name(shards.SIDECAR, 0)}, ...): BPB must count the original text's bytes")
     out_dir.mkdir(parents=True, exist_ok=True)
     index = DocIndexWriter(index_path)
     splits = {name: _Split(name, index) for name in shards.SPLITS}
@@ -139,6 +154,7 @@ def import_shards(folder: Path, model: Path, out_dir: Path, index_path: Path) ->
                 raise InputError(f"{folder}: no validation shards (fineweb_val_000000.bin, ...)")
             progress = Progress(f"check {name} shards", total=len(paths), unit="shards")
             carry = np.zeros(0, dtype="<u2")  # the document still running at the end of the last shard
+            side = sidecar if name == "val" else None
             for i, path in enumerate(paths):
                 tokens = shards.read_tokens(path)
                 shards.check_vocab(tokens, sp.vocab_size(), path, model)
@@ -150,16 +166,34 @@ def import_shards(folder: Path, model: Path, out_dir: Path, index_path: Path) ->
                 starts = np.flatnonzero(stream == bos)  # stream[0] is a BOS: the carry starts with one
                 end = len(stream) if i == len(paths) - 1 else int(starts[-1])
                 done = starts[starts < end]
+                first = split.tokens  # where stream[0] is in the split: every token before it is a recorded document's
                 if len(done):
-                    nbytes, hashes = doc_records(stream[:end], done, tables)
+                    per_position = position_bytes(stream[:end], tables) if ops is None else caseops.position_bytes(stream[:end], tables, ops)
+                    nbytes, hashes = doc_records(stream[:end], done, per_position)
+                    if side is not None:
+                        _check_sidecar(side, first, done, end, nbytes, folder, split.docs)
+                        nbytes, _ = doc_records(stream[:end], done, side[first : first + end])
                     split.record(np.diff(np.append(done, end)), nbytes, hashes)
                 carry = stream[end:]
                 split.shards.append({"name": path.name, "tokens": len(tokens), "sha256": _link(path, out_dir / path.name)})
                 progress.update()
             progress.done(f"{split.docs:,} documents, {split.tokens:,} tokens")
+        for path in shards.list_shards(folder, shards.SIDECAR) if sidecar is not None else ():
+            _link(path, out_dir / path.name)
     finally:
         index.close()
     return {name: s.summary() for name, s in splits.items()}
+
+
+def _check_sidecar(side: np.ndarray, first: int, done: np.ndarray, end: int, nbytes: np.ndarray, folder: Path, docs_before: int) -> None:
+    """Each document's sidecar bytes must be the bytes its tokens decode to."""
+    counts = side[first : first + end].astype(np.int64)
+    counts[done] = 0
+    got = np.add.reduceat(counts, done)
+    if (bad := np.flatnonzero(got != nbytes)).size:
+        d = int(bad[0])
+        raise InputError(f"{folder}: the byte sidecar gives validation document {docs_before + d} {int(got[d]):,} bytes, but its tokens "
+                         f"decode to {int(nbytes[d]):,} ({bad.size} of {len(done)} documents disagree in this shard)")
 
 
 def _check_roundtrip(sp: spm.SentencePieceProcessor, tokens: np.ndarray, path: Path, model: Path) -> None:

@@ -9,7 +9,6 @@ import hashlib
 
 import numpy as np
 
-from pgolf.bpb import ByteTables
 
 
 def hash_doc(tokens: np.ndarray) -> int:
@@ -17,16 +16,15 @@ def hash_doc(tokens: np.ndarray) -> int:
     return int.from_bytes(digest, "little")
 
 
-def doc_records(tokens: np.ndarray, starts: np.ndarray, tables: ByteTables) -> tuple[np.ndarray, np.ndarray]:
-    """Byte counts and hashes of the documents tokens[starts[i]:starts[i+1]] (last runs to the end).
+def doc_records(tokens: np.ndarray, starts: np.ndarray, per_position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Byte counts and hashes of the documents tokens[starts[i]:starts[i+1]] (last runs to the end), from
+    the bytes of each target by position (pgolf.bpb.position_bytes).
 
-    A document's bytes are those of its targets tokens[s+1:e]; summed over a split they equal
-    ByteTables.stream_bytes of the whole split, because BOS targets count 0 bytes.
+    A document's bytes are those of its targets tokens[s+1:e]; summed over a split they equal the split's
+    BPB byte count, because BOS targets count 0 bytes.
     """
     tokens = np.asarray(tokens)
-    per_target = np.zeros(len(tokens), dtype=np.int64)
-    if len(tokens) > 1:
-        per_target[1:] = tables.target_bytes(tokens[:-1], tokens[1:])
+    per_target = np.asarray(per_position).astype(np.int64)
     per_target[starts] = 0  # a document's first token is no target of its own
     nbytes = np.add.reduceat(per_target, starts) if len(starts) else np.zeros(0, np.int64)
     ends = np.append(starts[1:], len(tokens))

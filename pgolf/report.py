@@ -12,7 +12,6 @@ import numpy as np
 
 from pgolf import svgplot, windows
 from pgolf.audit import Rule
-from pgolf.bpb import ByteTables
 from pgolf.runtime import CPU
 from pgolf.layout import PLOTS, REPORT
 from pgolf.model import GPT
@@ -20,11 +19,11 @@ from pgolf.progress import Progress
 from pgolf.score import EvalParams, write_records
 
 
-def non_overlapping_bpb(model: GPT, tokens: np.ndarray, ev: EvalParams, tables: ByteTables, bos: int, what: str) -> float:
+def non_overlapping_bpb(model: GPT, tokens: np.ndarray, ev: EvalParams, nbytes: np.ndarray, bos: int, what: str) -> float:
     """val_bpb with non-overlapping windows of eval.seq_len, every target once: the headline's common basis."""
     plan = windows.plan(tokens, ev.seq_len, ev.seq_len, False, bos)
     progress = Progress(f"report: {what}, non-overlapping", len(tokens) - 1, "tokens")
-    bpb = write_records(model, tokens, plan, ev.batch, tables, bos, CPU, None, progress).val_bpb
+    bpb = write_records(model, tokens, plan, ev.batch, nbytes, bos, CPU, None, progress).val_bpb
     progress.done(f"val_bpb {bpb:.4f}")
     return bpb
 

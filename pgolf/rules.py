@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from pgolf import audit, cache, shards, ttt, windows
+from pgolf import audit, cache, caseops, shards, ttt, windows
 from pgolf.audit import Rule, VerifyParams
 from pgolf.cache import CacheParams
 from pgolf.doc_records import hash_doc
@@ -44,9 +44,14 @@ class Records:
         return len(self.tokens) - 1
 
 
+def audit_span(r: Records, vp: VerifyParams) -> int:
+    """The targets the audits look at: the first verify.audit_tokens (0: all)."""
+    return min(r.n, vp.audit_tokens) if vp.audit_tokens else r.n
+
+
 def audited(r: Records, vp: VerifyParams) -> tuple[np.ndarray, int]:
     """Audited targets (a seeded sample of the first verify.audit_tokens, plus all of document 0) and the cut."""
-    span = min(r.n, vp.audit_tokens) if vp.audit_tokens else r.n
+    span = audit_span(r, vp)
     starts = windows.doc_starts(r.tokens, r.bos)
     doc_end = int(starts[1]) if len(starts) > 1 else r.n  # document 0: targets 1..its closing BOS
     sample = np.random.default_rng(0).choice(np.arange(1, span + 1), min(vp.positions, span), replace=False)
@@ -120,8 +125,10 @@ class AdaptAudit:
         if k in self.rerun.snapshots:
             model.load_state_dict(self.rerun.snapshots[k])
         stream, tp, start = np.append(prefix, 0).astype(prefix.dtype), self.tp, k
-        if tp.method != "chunk_sgd" and not self.ev.tilt_order:  # documents are independent: t's document alone
-            a = int(windows.doc_starts(stream, self.r.bos)[-1])
+        if tp.method != "chunk_sgd" and not self.ev.tilt_order:  # documents are independent: t's batch of documents alone
+            starts = windows.doc_starts(stream, self.r.bos)
+            d0 = ([0, *ttt.phase_ends(len(windows.doc_starts(self.r.tokens, self.r.bos)), tp)])[k]  # the segment's first document
+            a = int(starts[d0 + (len(starts) - 1 - d0) // tp.lora_docs * tp.lora_docs])  # t's batch starts here, t's slot kept
             stream, tp, start, t = stream[a:], dataclasses.replace(tp, method="doc_lora"), 0, t - a
         kept = {t: None}
         for _ in ttt.adapt(model, stream, self.ev, tp, self.r.bos, torch.device("cpu"), self.r.n, kept, start=start)[1]:
@@ -130,36 +137,39 @@ class AdaptAudit:
 
 
 def adapt_rules(base: GPT, r: Records, adapted_nll: np.ndarray, pass1_nll: np.ndarray, ev: EvalParams, tp: TTTParams,
-                positions: np.ndarray, done: Progress) -> tuple[list[Rule], Callable[[int], np.ndarray]]:
+                positions: np.ndarray, span: int, done: Progress) -> tuple[list[Rule], Callable[[int], np.ndarray]]:
     """single_pass_adapt (the adapt stage's records equal the report's own score-first run from the artifact, bit
     for bit), in_range_adapt, and for a method that adapts: substitution_adapt, causality_adapt and, for
-    doc_lora without the tilt, doc_isolation_adapt, all on the method as a black box. Also the distribution
-    behind each audited adapted record, for the cache's audits."""
+    doc_lora without the tilt, doc_isolation_adapt, all on the method as a black box, within the first `span`
+    targets (each run of the method costs the stream up to where it looks). Also the distribution behind each
+    audited adapted record, for the cache's audits."""
     if tp.method == "none":
         rerun, dist, rules = pass1_nll, model_dist(base, r, ev.tilt(r.tokens)), []
     else:
         plan = ttt.adapt(copy.deepcopy(base), r.tokens, ev, tp, r.bos, torch.device("cpu"), r.n)[0]  # the generator is not started
-        probes = blackbox_positions(r, first_after_commit(r, plan, tp))
+        probes = blackbox_positions(r, first_after_commit(r, plan, tp), span)
         segments = {segment_of(r.tokens, r.bos, plan, tp, int(t)) for t in probes}
         run = adapt_rerun(copy.deepcopy(base), r.tokens, r.bos, ev, tp, r.n, positions, segments)
         done.update(what="adapt rerun")
         rerun, dist, box = run.nll, run.dists.__getitem__, AdaptAudit(base, r, ev, tp, run)
         rules = [audit.substitution(box.run, r.tokens, probes, base.p.vocab_size, "substitution_adapt", batch=box.batch, spot=1, spot_at=SPOT_AT)]
         done.update(what="substitution_adapt")
-        rules.append(audit.causality_cuts("causality_adapt", box.run, r.tokens, audit.cuts(r.n + 1, CUTS, seed=5), tail=CAUSALITY_TAIL))
+        head = r.tokens[: span + 1]
+        rules.append(audit.causality_cuts("causality_adapt", box.run, head, audit.cuts(span + 1, CUTS, seed=5), tail=CAUSALITY_TAIL))
         done.update(what="causality_adapt")
         if tp.method == "doc_lora" and not ev.tilt_order:  # the tilt's table reads earlier documents
-            rules.append(audit.doc_isolation("doc_isolation_adapt", box.run, r.tokens, r.bos, docs=2))
+            rules.append(audit.doc_isolation("doc_isolation_adapt", box.run, head, r.bos, docs=2))
     differ = int(np.count_nonzero(rerun.astype(np.float32) != adapted_nll.astype(np.float32)))
     return [Rule("single_pass_adapt", differ == 0, float(differ), 0,
                  f"ttt.method {tp.method}: the adapt records equal the report's own score-first run from the artifact: {differ} of {len(rerun)} differ"),
             audit.in_range("in_range_adapt", np.exp(-adapted_nll)), *rules], dist
 
 
-def blackbox_positions(r: Records, commits: list[int]) -> np.ndarray:
+def blackbox_positions(r: Records, commits: list[int], span: int) -> np.ndarray:
     """Where the black-box substitution audits look: one seeded target in each of SUBSTITUTION_SPANS equal spans
-    of the stream, the given first targets after state commits, and the stream's last target."""
-    return np.unique(np.concatenate([audit.cuts(r.n + 1, SUBSTITUTION_SPANS, seed=7), commits, [r.n]]).astype(np.int64))
+    of the first `span` targets, the given first targets after state commits, and target `span`."""
+    found = np.concatenate([audit.cuts(span + 1, SUBSTITUTION_SPANS, seed=7), commits, [span]]).astype(np.int64)
+    return np.unique(found[found <= span])
 
 
 def first_after_commit(r: Records, plan: windows.Windows, tp: TTTParams) -> list[int]:
@@ -245,7 +255,7 @@ def pass1_isolation(model: GPT, tokens: np.ndarray, ev: EvalParams, bos: int) ->
     return audit.doc_isolation("doc_isolation_pass1", pass1_run(model, ev, bos), tokens, bos, docs=2)
 
 
-def pass1_substitution(model: GPT, r: Records, ev: EvalParams) -> Rule:
+def pass1_substitution(model: GPT, r: Records, ev: EvalParams, span: int) -> Rule:
     """audit.substitution on pass 1 as a black box. The batched path scores only the cut stream's last batch of
     windows (the one that holds the candidate), as a plain run batches it; spot candidates run the whole stream."""
     def batch(prefix: np.ndarray) -> np.ndarray:
@@ -255,7 +265,7 @@ def pass1_substitution(model: GPT, r: Records, ev: EvalParams) -> Rule:
         score_batch(model, stream, plan, (len(plan) - 1) // ev.batch * ev.batch, len(plan), CPU.device, ev.tilt(stream), kept)
         return kept[t]
 
-    return audit.substitution(pass1_run(model, ev, r.bos), r.tokens, blackbox_positions(r, []),
+    return audit.substitution(pass1_run(model, ev, r.bos), r.tokens, blackbox_positions(r, [], span),
                               model.p.vocab_size, "substitution_pass1", batch=batch, spot=1, spot_at=SPOT_AT)
 
 
@@ -311,8 +321,12 @@ def budget_rules(artifact_bytes: int, state_bytes: int, overhead: float, train_s
             budget("eval_budget", eval_seconds, vp.max_eval_seconds, "evaluation (score + adapt + rescore)", "max_eval_seconds")]
 
 
-def data_rules(doc_index: Path, quant_meta: dict, shards_dir: Path, r: Records, decode, nbytes: np.ndarray) -> list[Rule]:
-    """val_not_in_train, val_not_in_calibration (what calibrate's metadata says it read) and bytes_are_utf8."""
+def data_rules(doc_index: Path, quant_meta: dict, shards_dir: Path, r: Records, decode: Callable[[list[int]], str], transform: str,
+               doc_bytes: np.ndarray, val_docs: int) -> list[Rule]:
+    """val_not_in_train, val_not_in_calibration (what calibrate's metadata says it read), bytes_are_utf8,
+    val_starts_with_bos and, with tokenizer.transform caseops, transform_inverts. decode: the tokenizer's
+    (ids -> text, transformed if a transform is on); doc_bytes: the BPB bytes the records give each validation
+    document; val_docs: the validation documents the challenge scores (verify.val_docs; 0: no requirement)."""
     index = pq.read_table(doc_index).to_pydict()
     split, hashes = np.array(index["split"]), np.array(index["hash"], dtype=np.uint64)
     val = hashes[split == "val"]
@@ -321,6 +335,54 @@ def data_rules(doc_index: Path, quant_meta: dict, shards_dir: Path, r: Records, 
     rule = audit.disjoint("val_not_in_calibration", val, calib, "the calibration tokens")
     if calibration.get("split") not in ("train", "self_generated"):  # self_generated: the model's own samples, no data
         rule = Rule(rule.name, False, rule.figure, 0, f"calibration read the {calibration.get('split')!r} split, not train")
-    utf8 = audit.decoded_bytes(decode, r.tokens, windows.doc_starts(r.tokens, r.bos))
-    return [audit.disjoint("val_not_in_train", val, hashes[split == "train"], "the training split"), rule,
-            audit.equal("bytes_are_utf8", int(nbytes.sum()), utf8, "BPB byte count vs UTF-8 bytes of the decoded validation documents")]
+    starts = windows.doc_starts(r.tokens, r.bos)
+    texts = [decode(r.tokens[a + 1 : b].tolist()) for a, b in zip(starts, np.append(starts[1:], len(r.tokens)))]
+    originals = [inverse(t) for t in texts] if transform == "caseops" else texts
+    checked = [val_in_train(val, hashes[split == "train"], val_docs), rule, utf8_bytes(originals, doc_bytes), starts_with_bos(r, len(val))]
+    if transform == "caseops":
+        bad = sum(o is None for o in originals)
+        checked.append(Rule("transform_inverts", bad == 0, bad, 0, f"{bad} of {len(texts):,} decoded validation documents are not CaseOps text "
+                            "that decodes to an original and encodes back to itself"))
+    return checked
+
+
+def inverse(text: str) -> str | None:
+    """The original of decoded CaseOps text, or None where it has none or does not encode back to the same text."""
+    try:
+        original = caseops.decode(text)
+    except caseops.CaseOpsError:
+        return None
+    return original if caseops.encode(original) == text else None
+
+
+def val_in_train(val: np.ndarray, train: np.ndarray, val_docs: int) -> Rule:
+    """val_not_in_train: validation documents found in training by hash, plus, when the validation split is shorter
+    than the val_docs the challenge scores, the training documents that stand where the rest of validation stood
+    (every exporter keeps source order: validation first, training after it). That is openai/parameter-golf#2127:
+    the CaseOps preparation script's default of 10,000 validation documents put 40,000 of the 50,000 into training."""
+    shared = int(np.isin(val, train).sum())
+    moved = min(max(0, val_docs - len(val)), len(train)) if val_docs else 0
+    detail = f"{shared} validation documents also in the training split by hash"
+    if val_docs:
+        detail += (f"; the validation split holds {len(val):,} documents and the challenge scores the first {val_docs:,}, so the first "
+                   f"{moved:,} training documents are validation documents" if moved else f"; the validation split holds the {val_docs:,} documents scored")
+    return Rule("val_not_in_train", shared + moved == 0, shared + moved, 0, detail)
+
+
+def utf8_bytes(originals: list[str | None], doc_bytes: np.ndarray) -> Rule:
+    """bytes_are_utf8: every validation document's BPB byte count (the tables', or the byte sidecar's) equals the
+    UTF-8 bytes of its decoded original text (documents with no original are transform_inverts' to report)."""
+    utf8 = np.array([-1 if o is None else len(o.encode("utf-8")) for o in originals])
+    bad = int(np.count_nonzero((utf8 >= 0) & (utf8 != doc_bytes)))
+    return Rule("bytes_are_utf8", bad == 0, bad, 0, f"{bad} of {len(utf8):,} validation documents count other than their decoded UTF-8 bytes "
+                f"(in all: {int(doc_bytes.sum()):,} counted, {int(utf8[utf8 >= 0].sum()):,} decoded)")
+
+
+def starts_with_bos(r: Records, docs: int) -> Rule:
+    """val_starts_with_bos: every validation document tokenize recorded starts with BOS: the stream's first token
+    is one, and there is one document start per recorded document."""
+    starts = windows.doc_starts(r.tokens, r.bos)
+    missing = int(r.tokens[0] != r.bos) + abs(docs - len(starts))
+    return Rule("val_starts_with_bos", missing == 0, missing, 0, f"{len(starts):,} documents start at a BOS for {docs:,} validation documents "
+                f"recorded; the stream starts with {'BOS' if r.tokens[0] == r.bos else f'token {int(r.tokens[0])}'} (an exporter that "
+                "writes no BOS merges documents)")

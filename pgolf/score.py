@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pgolf.errors import InputError
-from pgolf.bpb import ByteTables, bits_per_byte
+from pgolf.bpb import bits_per_byte
 from pgolf.runtime import Dist, autocast
 from pgolf.model import GPT
 from pgolf.progress import Progress
@@ -137,8 +137,9 @@ def score_stream(model: GPT, tokens: np.ndarray, w: Windows, batch: int, d: Dist
     model.train(was_training)
 
 
-def records(tokens: np.ndarray, w: Windows, i: int, j: int, scores: np.ndarray, tables: ByteTables, starts: np.ndarray) -> list[np.ndarray]:
-    """The per-token record columns (SCHEMA's order) of windows i..j-1 given their [2, targets] scores."""
+def records(tokens: np.ndarray, w: Windows, i: int, j: int, scores: np.ndarray, nbytes: np.ndarray, starts: np.ndarray) -> list[np.ndarray]:
+    """The per-token record columns (SCHEMA's order) of windows i..j-1 given their [2, targets] scores and the
+    bytes of every target by position (pgolf.bpb.position_bytes)."""
     pos = w.targets(i, j)
     return [
         pos,
@@ -147,7 +148,7 @@ def records(tokens: np.ndarray, w: Windows, i: int, j: int, scores: np.ndarray, 
         w.contexts(i, j).astype(np.int32),
         scores[0].astype(np.float32),
         scores[1].astype(np.float32),
-        tables.target_bytes(tokens[pos - 1], tokens[pos]).astype(np.int32),
+        nbytes[pos].astype(np.int32),
     ]
 
 
@@ -196,7 +197,7 @@ class Totals:
 
 
 def write_records(
-    model: GPT, tokens: np.ndarray, w: Windows, batch: int, tables: ByteTables, bos_id: int, d: Dist, path: Path | None, progress: Progress | None = None,
+    model: GPT, tokens: np.ndarray, w: Windows, batch: int, nbytes: np.ndarray, bos_id: int, d: Dist, path: Path | None, progress: Progress | None = None,
     scores: Iterator[tuple[int, int, np.ndarray]] | None = None, tilt: Tilt | None = None,
 ) -> Totals | None:
     """Score every window, streaming the records to `path` (None: nowhere) on rank 0; the totals there.
@@ -215,7 +216,7 @@ def write_records(
     writer = pq.ParquetWriter(path, schema, compression="zstd") if path else None
     groups = RowGroups(writer)
     for i, j, scores in stream:
-        columns = records(tokens, w, i, j, scores, tables, starts)
+        columns = records(tokens, w, i, j, scores, nbytes, starts)
         nll += float(np.sum(scores[0], dtype=np.float64))
         n_bytes += int(np.sum(columns[-1], dtype=np.int64))
         n_tokens += len(columns[0])

@@ -2,7 +2,9 @@
 
 A shard is 256 little-endian int32 (magic 20240520, version 1, token count, zeros), then the
 tokens as little-endian uint16. Shards are named fineweb_{split}_{index:06d}.bin; a document may
-straddle two shards of its split.
+straddle two shards of its split. The validation byte sidecar (the records' CaseOps format) is a
+"split" of its own, fineweb_val_bytes_{index:06d}.bin in the same format: one uint16 per validation
+token, shard for shard, the UTF-8 bytes of the original text that token stands for (BOS 0).
 """
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 SPLITS = ("val", "train")
+SIDECAR = "val_bytes"
 MAX_VOCAB = 65_536  # token ids are stored as uint16
-_NAME = re.compile(r"fineweb_(train|val)_(\d{6})\.bin")
+_NAME = re.compile(r"fineweb_(train|val|val_bytes)_(\d{6})\.bin")
 
 
 def shard_name(split: str, index: int) -> str:
@@ -68,7 +71,7 @@ def read_tokens(path: Path) -> np.ndarray:
 
 def list_shards(folder: Path, split: str) -> list[Path]:
     """The shards of one split, in order; refuses gaps in the numbering."""
-    paths = sorted(p for p in Path(folder).glob(f"fineweb_{split}_*.bin") if _NAME.fullmatch(p.name))
+    paths = sorted(p for p in Path(folder).glob(f"fineweb_{split}_*.bin") if (m := _NAME.fullmatch(p.name)) and m.group(1) == split)
     for i, p in enumerate(paths):
         if p.name != shard_name(split, i):
             raise InputError(f"{folder}: {split} shards are not numbered 0..{len(paths) - 1}: found {p.name}")
@@ -81,6 +84,21 @@ def split_tokens(folder: Path, split: str) -> np.ndarray:
     if not paths:
         raise InputError(f"{folder}: no {split} shards (fineweb_{split}_*.bin)")
     return np.concatenate([read_tokens(p) for p in paths])
+
+
+def read_sidecar(folder: Path) -> np.ndarray | None:
+    """The validation byte sidecar as one array parallel to the validation tokens, or None when the split
+    has none; refuses one that does not run shard for shard beside the validation shards."""
+    sides, vals = list_shards(folder, SIDECAR), list_shards(folder, "val")
+    if not sides:
+        return None
+    if len(sides) != len(vals):
+        raise InputError(f"{folder}: {len(sides)} byte sidecar shards ({shard_name(SIDECAR, 0)}, ...) for {len(vals)} validation shards")
+    counts = [read_tokens(p) for p in sides]
+    for path, c, v in zip(sides, counts, vals):
+        if len(c) != (n := len(read_tokens(v))):
+            raise InputError(f"{path}: {len(c):,} byte counts for the {n:,} tokens of {v.name}")
+    return np.concatenate(counts)
 
 
 def fingerprint(folder: Path, split: str, edge: int = 1 << 16) -> str:

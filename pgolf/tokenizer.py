@@ -20,8 +20,11 @@ class TokenizerParams:
     vocab_size: int  # vocabulary of a trained tokenizer
     train_docs: int | None  # train it on the first N training documents (null: all)
     train_on_val: bool  # also feed it the validation documents (the official tokenizer saw them)
+    transform: str = "none"  # none | caseops (pgolf/caseops.py: documents transformed before tokenizing and training)
 
     def __post_init__(self) -> None:
+        if self.transform not in ("none", "caseops"):
+            raise InputError(f"params.yaml: tokenizer.transform is {self.transform!r}; use none or caseops")
         if not 8 <= self.vocab_size <= MAX_VOCAB:
             raise InputError(
                 f"params.yaml: tokenizer.vocab_size is {self.vocab_size}; it must be 8..{MAX_VOCAB:,} "
@@ -63,8 +66,9 @@ def load(path: Path | str) -> spm.SentencePieceProcessor:
     return sp
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, out_model: Path) -> spm.SentencePieceProcessor:
-    """Train a BPE model on `texts` with the challenge's settings; write it to out_model.
+def train_bpe(texts: Iterable[str], vocab_size: int, out_model: Path, symbols: tuple[str, ...] = ()) -> spm.SentencePieceProcessor:
+    """Train a BPE model on `texts` with the challenge's settings; write it to out_model. `symbols`: pieces of
+    their own right after the special ids (CaseOps' operators: ids 4..7, the records' layout).
 
     The model's bytes depend only on the texts and the settings, so DVC sees a rerun as unchanged.
     """
@@ -86,7 +90,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_model: Path) -> spm.Sen
     model = io.BytesIO()  # written in memory: a model_prefix path would be recorded in the model
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=sentences(), model_writer=model, vocab_size=vocab_size, minloglevel=2, **CHALLENGE_SETTINGS
+            sentence_iterator=sentences(), model_writer=model, vocab_size=vocab_size, minloglevel=2, **CHALLENGE_SETTINGS,
+            **({"user_defined_symbols": list(symbols)} if symbols else {}),
         )
     except RuntimeError as exc:
         if not failure and not fed[0]:

@@ -104,6 +104,8 @@ def adapt(model: GPT, tokens: np.ndarray, ev: EvalParams, tp: TTTParams, bos: in
         w = plan(tokens, ev.seq_len, ev.stride, ev.doc_isolated, bos)
         return w, chunk_sgd(model, tokens, w, ev.batch, ev.seq_len, tp, device, n, before_segment, tilt, kept, start)
     if tp.method in ("doc_lora", "phased"):
+        if tp.lora_chunk > ev.seq_len:  # a window must reach back to its chunk's first target
+            raise InputError(f"params.yaml: ttt.lora_chunk is {tp.lora_chunk}; it must be at most eval.seq_len ({ev.seq_len})")
         w = doc_windows(tokens, bos, tp.lora_chunk, ev.seq_len)
         return w, doc_lora(model, tokens, w, bos, ev.seq_len, tp, device, before_segment, tilt, kept, start)
     raise InputError(f"ttt.method {tp.method}: nothing to adapt (the records are pass 1's)")
@@ -230,9 +232,9 @@ def doc_lora(model: GPT, tokens: np.ndarray, w: Windows, bos: int, seq_len: int,
         for p in model.parameters():
             p.requires_grad_(False)
         for b0 in range(d0, d1, tp.lora_docs):
-            b1 = min(b0 + tp.lora_docs, d1)
-            scores = adapt_documents(model, tokens, w, first[b0 : b1 + 1], seq_len, tp, device, tilt, kept)
-            yield int(first[b0]), int(first[b1]), scores
+            docs = np.arange(b0, min(b0 + tp.lora_docs, d1))
+            scores = adapt_documents(model, tokens, w, first, docs, seq_len, tp, device, tilt, kept)
+            yield int(first[b0]), int(first[docs[-1] + 1]), np.concatenate(scores, axis=1)
         if d1 < len(starts) and tp.epochs:  # a phase only helps documents after it
             global_phase(model, tokens[int(starts[0]) : int(starts[d1]) + 1].astype(np.int64), seq_len, tp, device)
     model.eval()
@@ -254,26 +256,31 @@ def global_phase(model: GPT, span: np.ndarray, seq_len: int, tp: TTTParams, devi
         p.requires_grad_(False)
 
 
-def adapt_documents(model: GPT, tokens: np.ndarray, w: Windows, first: np.ndarray, seq_len: int, tp: TTTParams, device: torch.device,
-                    tilt: Tilt | None, kept: dict[int, np.ndarray] | None) -> np.ndarray:
-    """[2, targets] of the documents whose windows are first[0]..first[-1]-1 (first[d] the first of each), each
-    chunk scored with the document's adapters as its earlier chunks left them, then one step on its loss."""
-    count = np.diff(first)
-    lora = DocLoRA(model, len(count), tp.lora_rank, tp.lora_alpha, tp.targets).to(device)
+def adapt_documents(model: GPT, tokens: np.ndarray, w: Windows, first: np.ndarray, docs: np.ndarray, seq_len: int, tp: TTTParams,
+                    device: torch.device, tilt: Tilt | None, kept: dict[int, np.ndarray] | None) -> list[np.ndarray]:
+    """[2, targets] of each of the documents `docs` (document d's windows: first[d]..first[d+1]-1), each chunk
+    scored with the document's adapters as its earlier chunks left them, then one step on its loss."""
+    count = first[docs + 1] - first[docs]
+    # Every batch has lora_docs slots, a document's slot is its place among consecutive documents, and every chunk
+    # step has one shape whichever documents share the batch or have ended: kernels round differently at other
+    # shapes and rows, and a record must not depend on its neighbours.
+    lora = DocLoRA(model, tp.lora_docs, tp.lora_rank, tp.lora_alpha, tp.targets).to(device)
+    slots = torch.arange(tp.lora_docs, device=device)
     opt = torch.optim.AdamW(lora.parameters(), lr=tp.lora_lr, betas=(tp.lora_beta1, tp.lora_beta2), eps=1e-10, weight_decay=tp.lora_wd)
     out = [[] for _ in count]
     for ci in range(int(count.max())):
         rows = np.flatnonzero(ci < count)
-        wi = first[:-1][rows] + ci
-        width = min(seq_len, (ci + 1) * tp.lora_chunk)  # the same for every document, whatever its batch
+        wi = first[docs[rows]] + ci
+        width = min(seq_len, (ci + 1) * tp.lora_chunk)
         sub = Windows(w.begin[wi], w.score_from[wi], w.end[wi])
         positions, scored = sub.targets(0, len(sub)), sub.scored
         at = sub.begin[:, None] + np.arange(width)
-        inputs = np.where(at < sub.end[:, None], tokens[np.minimum(at, len(tokens) - 1)], 0)  # right padding never reads the stream
-        flat = np.repeat(np.arange(len(rows)) * width - sub.begin, scored) + positions - 1
+        inputs = np.zeros((tp.lora_docs, width), dtype=np.int64)  # right padding and empty slots never read the stream
+        inputs[rows] = np.where(at < sub.end[:, None], tokens[np.minimum(at, len(tokens) - 1)], 0)
+        flat = np.repeat(rows * width - sub.begin, scored) + positions - 1
         targets = torch.from_numpy(tokens[positions].astype(np.int64)).to(device)
         with autocast(device):
-            logits = lora.logits(model, torch.from_numpy(inputs.astype(np.int64)).to(device), torch.from_numpy(rows).to(device))
+            logits = lora.logits(model, torch.from_numpy(inputs).to(device), slots)
         logits = logits.reshape(-1, logits.size(-1))[torch.from_numpy(flat).to(device)].float()
         nll = F.cross_entropy(logits, targets, reduction="none")
         with torch.no_grad():
@@ -290,7 +297,7 @@ def adapt_documents(model: GPT, tokens: np.ndarray, w: Windows, first: np.ndarra
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    return np.concatenate([np.concatenate(o, axis=1) for o in out], axis=1)
+    return [np.concatenate(o, axis=1) for o in out]
 
 
 def adapted_params(model: GPT, tp: TTTParams) -> tuple[int, int]:

@@ -11,7 +11,6 @@ import numpy as np
 import torch
 
 from pgolf import shards
-from pgolf.bpb import ByteTables
 from pgolf.errors import InputError
 from pgolf.runtime import Dist, all_reduce, autocast
 
@@ -28,8 +27,9 @@ def validation_tokens(shards_dir: Path, seq_len: int, max_tokens: int = 0) -> np
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batch_seqs: int, tables: ByteTables, d: Dist) -> tuple[float, float]:
-    """(val_loss in nats per token, val_bpb) of `tokens` cut into windows of seq_len; each process scores a slice."""
+def evaluate(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batch_seqs: int, nbytes: np.ndarray, d: Dist) -> tuple[float, float]:
+    """(val_loss in nats per token, val_bpb) of `tokens` cut into windows of seq_len, with the bytes of every
+    target by position (pgolf.bpb.position_bytes); each process scores a slice."""
     n_seqs = (len(tokens) - 1) // seq_len
     first, last = n_seqs * d.rank // d.world, n_seqs * (d.rank + 1) // d.world
     sums = torch.zeros(3, dtype=torch.float64, device=d.device)  # nll, tokens, bytes
@@ -43,8 +43,8 @@ def evaluate(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batch_seq
             loss = model(torch.from_numpy(x).to(d.device), torch.from_numpy(y).to(d.device))
         sums[0] += loss.double() * y.size
         sums[1] += y.size
-        sums[2] += int(tables.target_bytes(x, y).sum(dtype=np.int64))
+        sums[2] += int(nbytes[start * seq_len + 1 : end * seq_len + 1].sum(dtype=np.int64))
     model.train(was_training)
-    nll, count, nbytes = all_reduce(sums).tolist()
+    nll, count, total_bytes = all_reduce(sums).tolist()
     val_loss = nll / count
-    return val_loss, val_loss / math.log(2) * count / nbytes
+    return val_loss, val_loss / math.log(2) * count / total_bytes

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pgolf import artifact, params, runtime, shards, tokenizer, ttt
-from pgolf.bpb import ByteTables, bits_per_byte
+from pgolf.bpb import ByteTables, bits_per_byte, val_position_bytes
 from pgolf.errors import InputError
 from pgolf.files import staged, write_json
 from pgolf.layout import ADAPTED, ARTIFACT, METRICS, SCORES, SHARDS, TOKENIZER
@@ -31,7 +31,7 @@ def main() -> None:
     pass1 = pq.read_table(SCORES, columns=["nll", "bytes"])
     if pass1.num_rows != len(tokens) - 1:
         raise InputError(f"{SCORES}: {pass1.num_rows} records for {len(tokens) - 1} validation targets (run dvc repro)")
-    tables = ByteTables.from_sentencepiece(sp, model.p.vocab_size)
+    nbytes = val_position_bytes(SHARDS, tokens, ByteTables.from_sentencepiece(sp, model.p.vocab_size))
     d = runtime.setup()  # one process: each chunk's training needs the whole model before the next chunk is scored
     model.to(d.device)
     t = time.perf_counter()
@@ -42,7 +42,7 @@ def main() -> None:
             progress.update(len(tokens) - 1)
         else:
             plan, scores = ttt.adapt(model, tokens, ev, tp, sp.bos_id(), d.device)
-            write_records(model, tokens, plan, ev.batch, tables, sp.bos_id(), d, out, progress, scores=scores)
+            write_records(model, tokens, plan, ev.batch, nbytes, sp.bos_id(), d, out, progress, scores=scores)
         seconds = time.perf_counter() - t
         adapted = pq.read_table(out, columns=["nll", "bytes"])
         nbytes = int(np.sum(pass1.column("bytes").to_numpy(), dtype=np.int64))

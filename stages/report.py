@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from pgolf import artifact, checkpoint, params, report, rules, shards, tokenizer, windows
 from pgolf.audit import VerifyParams
-from pgolf.bpb import ByteTables
+from pgolf.bpb import ByteTables, val_position_bytes
 from pgolf.cache import CacheParams
 from pgolf.errors import InputError, StageError
 from pgolf.files import staged, write_bytes, write_json
@@ -24,6 +24,7 @@ from pgolf.progress import Progress
 from pgolf.score import EvalParams
 from pgolf.sources import code_bytes, code_files, self_extracting
 from pgolf.stage import run_stage
+from pgolf.tokenizer import TokenizerParams
 from pgolf.ttt import TTTParams
 
 
@@ -43,6 +44,7 @@ def main() -> None:
     p = params.load()
     vp, ev, cp = params.section(p, "verify", VerifyParams), params.section(p, "eval", EvalParams), params.section(p, "cache", CacheParams)
     tp = params.section(p, "ttt", TTTParams)
+    transform = params.section(p, "tokenizer", TokenizerParams).transform
     m = {name: read_json(METRICS / f"{name}.json") for name in ("tokenize", "train", "quant", "pack", "score", "adapt", "rescore")}
     quant = read_json(DETAILS / "quant.json")["tensors"]
     need(SCORES, ADAPTED, RESCORES, ARTIFACT, CHECKPOINT, DOC_INDEX, QUANTIZED)
@@ -58,14 +60,15 @@ def main() -> None:
     nbytes = rec.column("bytes").to_numpy()
     model = artifact.load_model(ARTIFACT).eval()
     float_model, _ = checkpoint.load_model(CHECKPOINT)
-    tables = ByteTables.from_sentencepiece(sp, model.p.vocab_size)
+    pos_bytes = val_position_bytes(SHARDS, tokens, ByteTables.from_sentencepiece(sp, model.p.vocab_size))
 
     plan = windows.plan(tokens, ev.seq_len, ev.stride, ev.doc_isolated, r.bos)
     pass1_nll = rec.column("nll").to_numpy().astype(np.float64)
     positions, _ = rules.audited(r, vp)
     # The report's own runs of the adaptation, each from a fresh copy of the artifact's model.
-    checked, adapted_dist = rules.adapt_rules(model, r, adapted.column("nll").to_numpy(), pass1_nll, ev, tp, positions, steps)
-    checked.append(rules.pass1_substitution(model, r, ev))
+    span = rules.audit_span(r, vp)
+    checked, adapted_dist = rules.adapt_rules(model, r, adapted.column("nll").to_numpy(), pass1_nll, ev, tp, positions, span, steps)
+    checked.append(rules.pass1_substitution(model, r, ev, span))
     steps.update(what="substitution_pass1")
     dist = rules.model_dist(model, r, ev.tilt(tokens)) if cp.input == "score" else adapted_dist
     scoring, rerun = rules.scoring_rules(model, r, pass1_nll, dist, plan, vp, cp, ev, steps)
@@ -77,12 +80,13 @@ def main() -> None:
     train_seconds = m["train"]["train_seconds"] + m["quant"]["hessian_seconds"]  # what the challenge's 600 s covers
     eval_seconds = m["score"]["seconds"] + m["adapt"]["seconds"] + m["rescore"]["seconds"]  # what the challenge's eval limit covers
     checked += rules.budget_rules(artifact_bytes, rerun.state_bytes, m["rescore"]["seconds"] / m["score"]["seconds"], train_seconds, eval_seconds, vp)
-    checked += rules.data_rules(DOC_INDEX, checkpoint.read_safetensors(QUANTIZED)[1], SHARDS, r, sp.decode, nbytes)
+    doc_bytes = np.bincount(rec.column("doc").to_numpy(), nbytes, minlength=len(windows.doc_starts(tokens, r.bos))).astype(np.int64)
+    checked += rules.data_rules(DOC_INDEX, checkpoint.read_safetensors(QUANTIZED)[1], SHARDS, r, sp.decode, transform, doc_bytes, vp.val_docs)
     steps.update(what="sizes, data and bytes rules")
 
-    pre = report.non_overlapping_bpb(float_model.eval(), tokens, ev, tables, r.bos, "float checkpoint")
+    pre = report.non_overlapping_bpb(float_model.eval(), tokens, ev, pos_bytes, r.bos, "float checkpoint")
     steps.update(what="float checkpoint val_bpb")
-    post = report.non_overlapping_bpb(model, tokens, ev, tables, r.bos, "packed artifact")
+    post = report.non_overlapping_bpb(model, tokens, ev, pos_bytes, r.bos, "packed artifact")
     steps.update(what="packed artifact val_bpb")
     weights = ARTIFACT.stat().st_size
     headline = report.headline(pre, post, m, weights, artifact_bytes - weights, rerun.state_bytes, r.n, int(nbytes.sum()), checked)

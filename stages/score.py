@@ -8,7 +8,7 @@ import contextlib
 
 
 from pgolf import artifact, params, runtime, shards, tokenizer, windows
-from pgolf.bpb import ByteTables
+from pgolf.bpb import ByteTables, val_position_bytes
 from pgolf.errors import InputError
 from pgolf.files import staged, write_json
 from pgolf.layout import ARTIFACT, METRICS, SCORES, SHARDS, TOKENIZER
@@ -27,7 +27,7 @@ def main() -> None:
     tokens = shards.split_tokens(SHARDS, "val")
     if len(tokens) < 2:
         raise InputError(f"{SHARDS}: the validation split has fewer than two tokens")
-    tables = ByteTables.from_sentencepiece(sp, model.p.vocab_size)
+    nbytes = val_position_bytes(SHARDS, tokens, ByteTables.from_sentencepiece(sp, model.p.vocab_size))
     plan = windows.plan(tokens, ev.seq_len, ev.stride, ev.doc_isolated, sp.bos_id())
     docs = len(windows.doc_starts(tokens, sp.bos_id()))
     d = runtime.setup()
@@ -40,7 +40,7 @@ def main() -> None:
         progress = Progress("score", len(tokens) - 1, "tokens")
         # The records and their metrics replace the last good ones together (rank 0 writes both).
         with staged(SCORES, METRICS / "score.json") if d.main else contextlib.nullcontext([None, None]) as (out, score_json):
-            totals = write_records(model, tokens, plan, ev.batch, tables, sp.bos_id(), d, out, progress, tilt=ev.tilt(tokens))
+            totals = write_records(model, tokens, plan, ev.batch, nbytes, sp.bos_id(), d, out, progress, tilt=ev.tilt(tokens))
             if d.main:
                 seconds = progress.done(f"val_loss {totals.val_loss:.4f}, val_bpb {totals.val_bpb:.4f} ({ev.mode}) -> {SCORES}")
                 write_json(score_json, {

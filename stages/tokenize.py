@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pgolf import builtin_corpus, documents, params, shards, tokenizer
+from pgolf import builtin_corpus, caseops, documents, params, shards, tokenizer
 from pgolf.dataset import DataParams, export_docs, import_shards
 from pgolf.doc_index import read_hashes
 from pgolf.errors import InputError
@@ -20,8 +20,8 @@ from pgolf.tokenizer import TokenizerParams
 from pgolf.stage import run_stage
 
 
-def from_shards(data: DataParams, model: Path, shards_dir: Path, index: Path) -> tuple[dict, dict]:
-    splits = import_shards(Path(data.shards), model, shards_dir, index)
+def from_shards(data: DataParams, tok: TokenizerParams, model: Path, shards_dir: Path, index: Path) -> tuple[dict, dict]:
+    splits = import_shards(Path(data.shards), model, shards_dir, index, tok.transform)
     if data.val_docs is not None and data.val_docs != splits["val"]["docs"]:
         raise InputError(
             f"params.yaml: data.val_docs is {data.val_docs} but {data.shards} holds "
@@ -43,10 +43,11 @@ def from_docs(data: DataParams, tok: TokenizerParams, model: Path, shards_dir: P
         if tok.model is None:
             skip = 0 if tok.train_on_val else data.val_docs  # never the validation documents unless asked
             texts = itertools.islice(reader, skip, None if tok.train_docs is None else skip + tok.train_docs)
+            caseops_on = tok.transform == "caseops"
             t = time.time()
-            tokenizer.train_bpe(texts, tok.vocab_size, model)
-            print(f"tokenizer: trained a {tok.vocab_size}-token BPE model in {time.time() - t:.1f}s")
-        return export_docs(reader, model, shards_dir, index, data.val_docs, data.shard_tokens, data.workers), source
+            tokenizer.train_bpe(map(caseops.encode, texts) if caseops_on else texts, tok.vocab_size, model, caseops.OPERATORS if caseops_on else ())
+            print(f"tokenizer: trained a {tok.vocab_size}-token BPE model{' on CaseOps text' if caseops_on else ''} in {time.time() - t:.1f}s")
+        return export_docs(reader, model, shards_dir, index, data.val_docs, data.shard_tokens, data.workers, tok.transform), source
 
 
 def main() -> None:
@@ -57,18 +58,21 @@ def main() -> None:
     # Every output replaces the last good one together, or none does.
     with staged(SHARDS, TOKENIZER, DOC_INDEX, MANIFEST, METRICS / "tokenize.json") as (shards_dir, model, index, manifest_path, metrics_json):
         if tok.model is not None:
-            tokenizer.load(tok.model)  # refuse a bad model before any work
+            sp = tokenizer.load(tok.model)  # refuse a bad model before any work
+            if tok.transform == "caseops":
+                caseops.operator_ids(sp, tok.model)
             shutil.copyfile(tok.model, model)
         elif data.source == "shards":
             raise InputError("params.yaml: data.source is 'shards': set tokenizer.model to the tokenizer that made them")
         if data.source == "shards":
-            splits, source = from_shards(data, Path(tok.model), shards_dir, index)  # the user's file: messages name it
+            splits, source = from_shards(data, tok, Path(tok.model), shards_dir, index)  # the user's file: messages name it
         else:
             splits, source = from_docs(data, tok, model, shards_dir, index)
         overlap = int(np.isin(read_hashes(index, "val"), read_hashes(index, "train")).sum())
         manifest = {
             "source": source,
-            "format": {"magic": shards.MAGIC, "version": shards.VERSION, "shard_tokens": data.shard_tokens, "bos_first": True, "eos": False},
+            "format": {"magic": shards.MAGIC, "version": shards.VERSION, "shard_tokens": data.shard_tokens, "bos_first": True, "eos": False,
+                       "transform": tok.transform, "byte_sidecar": bool(shards.list_shards(shards_dir, shards.SIDECAR))},
             "tokenizer": {
                 "path": str(TOKENIZER),
                 "origin": tok.model or "trained",

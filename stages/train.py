@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from pgolf import checkpoint, convert, params, runtime, shards, tokenizer, trainer
-from pgolf.bpb import ByteTables
+from pgolf.bpb import ByteTables, val_position_bytes
 from pgolf.errors import InputError
 from pgolf.validation import evaluate, validation_tokens
 from pgolf.files import sha256_file, staged, write_bytes, write_json
@@ -49,7 +49,8 @@ def main() -> None:
         t = time.perf_counter()
         val = validation_tokens(SHARDS, train_p.seq_len, train_p.val_tokens)
         tables = ByteTables.from_sentencepiece(TOKENIZER, model_p.vocab_size)
-        val_loss, val_bpb = evaluate(model, val, train_p.seq_len, train_p.val_batch_seqs, tables, d)
+        nbytes = val_position_bytes(SHARDS, shards.split_tokens(SHARDS, "val"), tables)[: len(val)]
+        val_loss, val_bpb = evaluate(model, val, train_p.seq_len, train_p.val_batch_seqs, nbytes, d)
         eval_s = time.perf_counter() - t
     finally:
         runtime.teardown()

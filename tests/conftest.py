@@ -85,6 +85,7 @@ def tiny_params(p: dict | None = None, **train) -> dict:
     p = default_params() if p is None else p
     p["model"].update(TINY_MODEL)
     p["train"].update(TINY_TRAIN, **train)
+    p["ttt"]["lora_chunk"] = 16  # within the short eval windows tests use
     return p
 
 

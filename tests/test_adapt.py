@@ -143,6 +143,7 @@ def test_the_stage_chain_with_ttt_and_the_cache_on_its_records(tmp_path, fineweb
     p["quant"].update(calib_seqs=4, seq_len=32)
     p["eval"].update(seq_len=32, stride=16)
     p["verify"].update(positions=8, audit_tokens=2000)
+    p["ttt"]["method"] = "none"
     run_stages(root, p, "tokenize", "train", "calibrate", "pack", "score", "adapt")
     assert (root / "eval/adapt.parquet").read_bytes() == (root / "eval/score.parquet").read_bytes()  # method none: pass 1's records
     m = json.loads((root / "metrics/adapt.json").read_text())
@@ -162,7 +163,10 @@ def test_the_stage_chain_with_ttt_and_the_cache_on_its_records(tmp_path, fineweb
     assert rules["single_pass_adapt"]["passed"] and "chunk_sgd" in rules["single_pass_adapt"]["detail"]
     assert json.loads((root / "metrics/rescore.json").read_text())["input"] == "adapt"
     assert all(rules[k]["passed"] for k in ("substitution_adapt", "causality_adapt", "substitution_pass1")) and "doc_isolation_adapt" not in rules
-    p["ttt"].update(method="doc_lora", lora_chunk=32, lora_lr=0.001)
+    p["ttt"].update(method="doc_lora", lora_chunk=48, lora_lr=0.001)
+    result = run_stage("adapt", root, p)
+    assert result.returncode == 2 and "ttt.lora_chunk is 48; it must be at most eval.seq_len (32)" in result.stderr
+    p["ttt"].update(lora_chunk=16, lora_docs=3)  # the report's batched path must keep each document's slot
     run_stages(root, p, "adapt", "rescore", "report")
     rules = json.loads((root / "reports/details/report.json").read_text())["rules"]
     assert json.loads((root / "metrics/adapt.json").read_text())["method"] == "doc_lora"

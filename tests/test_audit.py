@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import run_stage, run_stages, shards_params, tiny_params
-from pgolf import audit, cache, shards, tokenizer, windows
-from pgolf.bpb import ByteTables
+from pgolf import audit, cache, rules, shards, tokenizer, windows
+from pgolf.bpb import ByteTables, position_bytes
 from pgolf.cache import CacheParams
 
 V = 16
@@ -136,11 +136,17 @@ def test_leading_space_counted_twice_is_caught(fineweb, sp1024):
     tokens = shards.read_tokens(fineweb / "val_head_sp1024.bin")[:20001]
     sp = tokenizer.load(sp1024)
     starts = windows.doc_starts(tokens, sp.bos_id())
-    utf8 = audit.decoded_bytes(sp.decode, tokens, starts)
+    texts = [sp.decode(tokens[a + 1 : b].tolist()) for a, b in zip(starts, np.append(starts[1:], len(tokens)))]
     good = ByteTables.from_sentencepiece(sp)
     broken = ByteTables(good.base_bytes + good.leading_space, good.leading_space, good.boundary)
-    assert audit.equal("bytes", good.stream_bytes(tokens), utf8, "").passed
-    assert not audit.equal("bytes", broken.stream_bytes(tokens), utf8, "").passed
+    doc = windows.doc_of(np.arange(1, len(tokens)), starts)
+
+    def per_doc(t: ByteTables) -> np.ndarray:
+        return np.bincount(doc, position_bytes(tokens, t)[1:], minlength=len(starts)).astype(np.int64)
+
+    assert rules.utf8_bytes(texts, per_doc(good)).passed
+    bad = rules.utf8_bytes(texts, per_doc(broken))
+    assert not bad.passed and bad.figure > 0
 
 
 def test_budgets_and_overlap_rules():
@@ -173,9 +179,10 @@ def test_the_real_pipeline_passes_every_rule(pipeline):
     assert report["passed"] and all(r["passed"] for r in rules.values()) and report["rules_passed"] == report["rules"] == len(rules)
     assert all(not isinstance(v, (dict, list)) for v in report.values())  # flat headline figures for dvc metrics show
     assert set(rules) == {"single_pass_adapt", "in_range_adapt", "normalization", "substitution_cache", "causality_cache", "causality_pass1",
-                          "substitution_pass1", "single_pass", "in_range_pass1", "in_range_cache",
+                          "substitution_pass1", "substitution_adapt", "causality_adapt", "doc_isolation_adapt", "single_pass",
+                          "in_range_pass1", "in_range_cache",
                           "artifact_bytes", "state_bytes", "cache_overhead", "training_budget", "eval_budget", "val_not_in_train",
-                          "val_not_in_calibration", "bytes_are_utf8"}
+                          "val_not_in_calibration", "bytes_are_utf8", "val_starts_with_bos"}
     assert "disagreed with a plain run on 0 of" in rules["substitution_cache"]["detail"] and "4 cuts" in rules["causality_cache"]["detail"]
     for key in ("val_bpb_pre_quant", "val_bpb_post_quant", "quant_penalty", "val_bpb_scored", "val_bpb_cache", "cache_gain",
                 "artifact_bytes", "code_bytes", "weight_bytes", "state_bytes"):

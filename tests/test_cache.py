@@ -113,7 +113,7 @@ def scored(tmp_path, fineweb):
 
     from conftest import make_data
     from pgolf import windows
-    from pgolf.bpb import ByteTables
+    from pgolf.bpb import ByteTables, position_bytes
     from pgolf.runtime import CPU
     from pgolf.model import GPT
     from pgolf.model import ModelParams
@@ -127,7 +127,7 @@ def scored(tmp_path, fineweb):
     plan = windows.plan(tokens, 64, 64)
     (root / "eval").mkdir()
     tables = ByteTables.from_sentencepiece(root / "data/tokenizer.model", 1024)
-    write_records(model, tokens, plan, 16, tables, 1, CPU, root / "eval/score.parquet")
+    write_records(model, tokens, plan, 16, position_bytes(tokens, tables), 1, CPU, root / "eval/score.parquet")
     return root, p
 
 

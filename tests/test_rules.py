@@ -41,14 +41,19 @@ def test_data_rules_catch_validation_in_training_and_calibration(tmp_path):
     shards.write_shard(tmp_path / "shards/fineweb_train_000000.bin", np.concatenate([val_doc, train_doc, [1]]))
     tokens = np.concatenate([val_doc, [1]]).astype(np.uint16)
     meta = {"calibration": {"split": "train", "first_tokens": 8}}
-    def check():
-        return rules.data_rules(tmp_path / "docs.parquet", meta, tmp_path / "shards", records(tokens), lambda ids: "ab", np.array([1, 1, 0]))
+    def check(val_docs: int = 0, doc_bytes: int = 2):
+        return rules.data_rules(tmp_path / "docs.parquet", meta, tmp_path / "shards", records(tokens), lambda ids: "ab", "none",
+                                np.array([doc_bytes]), val_docs)
 
     got = check()
-    assert [r.name for r in got] == ["val_not_in_train", "val_not_in_calibration", "bytes_are_utf8"]
-    assert [r.passed for r in got] == [False, False, True]
+    assert [r.name for r in got] == ["val_not_in_train", "val_not_in_calibration", "bytes_are_utf8", "val_starts_with_bos"]
+    assert [r.passed for r in got] == [False, False, True, True] and got[0].figure == 1
+    assert check(val_docs=3)[0].figure == 1 + 2  # #2127: two more validation documents stood where training starts
+    assert not check(doc_bytes=3)[2].passed
     meta["calibration"]["split"] = "val"
     assert "not train" in check()[1].detail
+    tokens = tokens[1:]  # an export that wrote no BOS
+    assert not check()[3].passed
 
 
 def test_headline_and_markdown_carry_every_rule():

@@ -10,7 +10,7 @@ import torch
 
 from conftest import TINY_MODEL, default_params, make_data, run_stage
 from pgolf import artifact, pack, params, quantize, windows
-from pgolf.bpb import ByteTables
+from pgolf.bpb import ByteTables, position_bytes
 from pgolf.runtime import CPU
 from pgolf.validation import evaluate
 from pgolf.model import GPT, ModelParams
@@ -99,13 +99,13 @@ def test_context_changes_the_scores():
 def test_non_overlapping_mode_is_the_challenge_formula(tmp_path):
     model, tokens, tab, seq_len = small_model(), stream(8 * 16), tables(), 16
     plan = windows.plan(tokens, seq_len, seq_len)
-    totals = write_records(model, tokens, plan, 3, tab, BOS, CPU, tmp_path / "r.parquet")
+    totals = write_records(model, tokens, plan, 3, position_bytes(tokens, tab), BOS, CPU, tmp_path / "r.parquet")
     rec = pq.read_table(tmp_path / "r.parquet")
     nll, nbytes = rec.column("nll").to_numpy().astype(np.float64), rec.column("bytes").to_numpy()
     assert np.array_equal(nbytes, tab.target_bytes(tokens[:-1], tokens[1:]))
     assert totals.tokens == len(tokens) - 1 and totals.bytes == nbytes.sum()
     assert totals.val_bpb == pytest.approx(nll.sum() / (math.log(2) * nbytes.sum()), rel=1e-12)
-    val_loss, val_bpb = evaluate(model, tokens, seq_len, 4, tab, CPU)  # the official trainer's eval
+    val_loss, val_bpb = evaluate(model, tokens, seq_len, 4, position_bytes(tokens, tab), CPU)  # the official trainer's eval
     assert totals.val_loss == pytest.approx(val_loss, rel=1e-6) and totals.val_bpb == pytest.approx(val_bpb, rel=1e-6)
 
 
@@ -117,9 +117,9 @@ def test_row_groups_hold_exactly_the_records_of_every_batch(tmp_path, monkeypatc
     monkeypatch.setattr(score, "ROW_GROUP", 7)
     model, tokens, tab = small_model(), stream(61), tables()
     plan = windows.plan(tokens, 16, 4)
-    write_records(model, tokens, plan, 3, tab, BOS, CPU, tmp_path / "r.parquet")
+    write_records(model, tokens, plan, 3, position_bytes(tokens, tab), BOS, CPU, tmp_path / "r.parquet")
     starts = windows.doc_starts(tokens, BOS)
-    parts = [score.records(tokens, plan, i, j, s, tab, starts) for i, j, s in score_stream(model, tokens, plan, 3, CPU)]
+    parts = [score.records(tokens, plan, i, j, s, position_bytes(tokens, tab), starts) for i, j, s in score_stream(model, tokens, plan, 3, CPU)]
     expected = [np.concatenate([part[k] for part in parts]) for k in range(len(score.SCHEMA))]
     written = pq.ParquetFile(tmp_path / "r.parquet")
     table = written.read()
@@ -132,7 +132,7 @@ def test_row_groups_hold_exactly_the_records_of_every_batch(tmp_path, monkeypatc
 def test_doc_isolated_contexts_stay_inside_their_document(tmp_path):
     model, tokens = small_model(), stream(200, docs=7, seed=3)
     plan = windows.plan(tokens, 16, 4, True, BOS)
-    write_records(model, tokens, plan, 4, tables(), BOS, CPU, tmp_path / "r.parquet")
+    write_records(model, tokens, plan, 4, position_bytes(tokens, tables()), BOS, CPU, tmp_path / "r.parquet")
     rec = pq.read_table(tmp_path / "r.parquet").to_pydict()
     starts = windows.doc_starts(tokens, BOS)
     for pos, ctx, doc in zip(rec["position"], rec["context"], rec["doc"]):
