@@ -273,7 +273,7 @@ CUTS = 4  # causality cuts, one in each quarter of the stream
 SUBSTITUTION_POSITIONS = 16  # of the audited positions, spread over the stream
 SUBSTITUTION_SPANS = 4  # black-box substitution on pass 1 and adapt: one position in each quarter, plus commits
 CAUSALITY_TAIL = 4096  # adapt: random tokens after each cut (the rest removed), so each cut costs a run to it
-SPOT_AT = 2  # of those positions, where a candidate also runs the plain way (each costs a run of the method)
+SPOT_AT = 1  # of those positions, where a candidate also runs the plain way (each costs a run of the method)
 
 
 def cache_substitution(r: Records, positions: np.ndarray, dist, vocab: int, cp: CacheParams) -> Rule:

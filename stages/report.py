@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from pgolf import artifact, checkpoint, params, report, rules, shards, tokenizer, windows
+from pgolf import artifact, checkpoint, params, report, rules, runtime, shards, tokenizer, windows
 from pgolf.audit import VerifyParams
 from pgolf.bpb import ByteTables, val_position_bytes
 from pgolf.cache import CacheParams
@@ -59,6 +59,7 @@ def main() -> None:
         raise InputError(f"{SCORES} / {ADAPTED} / {RESCORES}: {rec.num_rows} / {adapted.num_rows} / {len(r.prob)} records for {r.n} validation targets")
     nbytes = rec.column("bytes").to_numpy()
     model = artifact.load_model(ARTIFACT).eval()
+    runtime.keep_freed_memory()  # the report reruns pass 1 and the adaptation on the CPU, as the score stage does
     float_model, _ = checkpoint.load_model(CHECKPOINT)
     pos_bytes = val_position_bytes(SHARDS, tokens, ByteTables.from_sentencepiece(sp, model.p.vocab_size))
 
