@@ -40,13 +40,13 @@ class DocLoRA(nn.Module):
                 self.A[f"{name}{slot}"] = nn.Parameter(a0.expand(docs, rank, n_in).clone())
                 self.B[f"{name}{slot}"] = nn.Parameter(torch.zeros(docs, n_out, rank))
 
-    def delta(self, key: str, x: Tensor, rows: Tensor) -> Tensor:
-        """The adapters' addition for documents `rows` with inputs x [len(rows), T, n_in]."""
-        a, b = self.A[key][rows].to(x.dtype), self.B[key][rows].to(x.dtype)
+    def delta(self, key: str, x: Tensor) -> Tensor:
+        """The adapters' addition for inputs x [docs, T, n_in], row i adapted by document slot i."""
+        a, b = self.A[key].to(x.dtype), self.B[key].to(x.dtype)
         return (x @ a.transpose(1, 2)) @ b.transpose(1, 2) * self.scale
 
-    def logits(self, model: GPT, idx: Tensor, rows: Tensor) -> Tensor:
-        """Soft-capped logits [len(rows), T, vocab] of inputs idx, document rows[i] adapting row i."""
+    def logits(self, model: GPT, idx: Tensor) -> Tensor:
+        """Soft-capped logits [docs, T, vocab] of inputs idx [docs, T], slot i's adapters on row i."""
         runs = collections.Counter()
         slots = collections.defaultdict(list)  # block -> the slots of its runs, in order
         for slot, block in enumerate(self.order):
@@ -56,7 +56,7 @@ class DocLoRA(nn.Module):
             def add(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
                 slot = slots[block][runs[block, name]]
                 runs[block, name] += 1
-                return out + self.delta(f"{name}{slot}", args[0], rows)
+                return out + self.delta(f"{name}{slot}", args[0])
             return add
 
         handles = []
@@ -69,4 +69,4 @@ class DocLoRA(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
-        return model.head(h, self.delta("head0", h, rows) if "head" in self.targets else None)
+        return model.head(h, self.delta("head0", h) if "head" in self.targets else None)

@@ -157,12 +157,23 @@ def adapt_rules(base: GPT, r: Records, adapted_nll: np.ndarray, pass1_nll: np.nd
         head = r.tokens[: span + 1]
         rules.append(audit.causality_cuts("causality_adapt", box.run, head, audit.cuts(span + 1, CUTS, seed=5), tail=CAUSALITY_TAIL))
         done.update(what="causality_adapt")
-        if tp.method == "doc_lora" and not ev.tilt_order:  # the tilt's table reads earlier documents
+        if doc_isolated(ev, tp):
             rules.append(audit.doc_isolation("doc_isolation_adapt", box.run, head, r.bos, docs=2))
+            done.update(what="doc_isolation_adapt")
     differ = int(np.count_nonzero(rerun.astype(np.float32) != adapted_nll.astype(np.float32)))
     return [Rule("single_pass_adapt", differ == 0, float(differ), 0,
                  f"ttt.method {tp.method}: the adapt records equal the report's own score-first run from the artifact: {differ} of {len(rerun)} differ"),
             audit.in_range("in_range_adapt", np.exp(-adapted_nll)), *rules], dist
+
+
+def adapt_steps(ev: EvalParams, tp: TTTParams) -> int:
+    """The progress steps adapt_rules reports."""
+    return 0 if tp.method == "none" else 4 if doc_isolated(ev, tp) else 3
+
+
+def doc_isolated(ev: EvalParams, tp: TTTParams) -> bool:
+    """Whether tp.method scores each document alone (doc_lora without the tilt, whose table reads earlier documents)."""
+    return tp.method == "doc_lora" and not ev.tilt_order
 
 
 def blackbox_positions(r: Records, commits: list[int], span: int) -> np.ndarray:

@@ -229,8 +229,7 @@ def doc_lora(model: GPT, tokens: np.ndarray, w: Windows, bos: int, seq_len: int,
         model.eval()
         if before_segment is not None:
             before_segment(s, model)
-        for p in model.parameters():
-            p.requires_grad_(False)
+        freeze_except(model, [])  # only the adapters train
         for b0 in range(d0, d1, tp.lora_docs):
             docs = np.arange(b0, min(b0 + tp.lora_docs, d1))
             scores = adapt_documents(model, tokens, w, first, docs, seq_len, tp, device, tilt, kept)
@@ -252,8 +251,7 @@ def global_phase(model: GPT, span: np.ndarray, seq_len: int, tp: TTTParams, devi
         for group in opt.param_groups:
             group["lr"] = cosine(tp.lr, k, count)
         sgd_epochs(model, params, opt, span[k * tp.chunk_tokens : (k + 1) * tp.chunk_tokens + 1], seq_len, tp, device)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    freeze_except(model, [])
 
 
 def adapt_documents(model: GPT, tokens: np.ndarray, w: Windows, first: np.ndarray, docs: np.ndarray, seq_len: int, tp: TTTParams,
@@ -265,7 +263,6 @@ def adapt_documents(model: GPT, tokens: np.ndarray, w: Windows, first: np.ndarra
     # step has one shape whichever documents share the batch or have ended: kernels round differently at other
     # shapes and rows, and a record must not depend on its neighbours.
     lora = DocLoRA(model, tp.lora_docs, tp.lora_rank, tp.lora_alpha, tp.targets).to(device)
-    slots = torch.arange(tp.lora_docs, device=device)
     opt = torch.optim.AdamW(lora.parameters(), lr=tp.lora_lr, betas=(tp.lora_beta1, tp.lora_beta2), eps=1e-10, weight_decay=tp.lora_wd)
     out = [[] for _ in count]
     for ci in range(int(count.max())):
@@ -280,7 +277,7 @@ def adapt_documents(model: GPT, tokens: np.ndarray, w: Windows, first: np.ndarra
         flat = np.repeat(rows * width - sub.begin, scored) + positions - 1
         targets = torch.from_numpy(tokens[positions].astype(np.int64)).to(device)
         with autocast(device):
-            logits = lora.logits(model, torch.from_numpy(inputs).to(device), slots)
+            logits = lora.logits(model, torch.from_numpy(inputs).to(device))
         logits = logits.reshape(-1, logits.size(-1))[torch.from_numpy(flat).to(device)].float()
         nll = F.cross_entropy(logits, targets, reduction="none")
         with torch.no_grad():

@@ -48,7 +48,7 @@ def main() -> None:
     m = {name: read_json(METRICS / f"{name}.json") for name in ("tokenize", "train", "quant", "pack", "score", "adapt", "rescore")}
     quant = read_json(DETAILS / "quant.json")["tensors"]
     need(SCORES, ADAPTED, RESCORES, ARTIFACT, CHECKPOINT, DOC_INDEX, QUANTIZED)
-    steps = Progress("report", 9 if tp.method == "none" else 12, "steps", every=0)
+    steps = Progress("report", 9 + rules.adapt_steps(ev, tp), "steps", every=0)
     sp = tokenizer.load(TOKENIZER)
     tokens = shards.split_tokens(SHARDS, "val")
     rec, adapted, res = pq.read_table(SCORES), pq.read_table(ADAPTED), pq.read_table(RESCORES)

@@ -91,9 +91,9 @@ def test_fresh_adapters_leave_the_model_unchanged():
     lora = DocLoRA(looped, 2, 4, 144.0, ("q", "k", "v", "o", "mlp", "head"))
     assert len(lora.A) == 5 * 4 + 1
     with torch.no_grad():
-        assert torch.equal(lora.logits(looped, x, torch.tensor([0, 1])), looped.logits(x))
+        assert torch.equal(lora.logits(looped, x), looped.logits(x))
         lora.B["o2"].fill_(0.1)  # slot 2: block 1's second run
-        moved = lora.logits(looped, x, torch.tensor([0, 1]))
+        moved = lora.logits(looped, x)
     assert not torch.equal(moved, looped.logits(x))
 
 
