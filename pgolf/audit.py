@@ -195,17 +195,19 @@ def causality_cuts(name: str, run: Callable[[np.ndarray], np.ndarray], tokens: n
                 f"when the tokens after it did" + (f" (first at cut {worst})" if worst is not None else ""))
 
 
-def doc_isolation(name: str, run: Callable[[np.ndarray], np.ndarray], tokens: np.ndarray, bos: int, docs: int = 4, seed: int = 0) -> Rule:
+def doc_isolation(name: str, run: Callable[[np.ndarray], np.ndarray], tokens: np.ndarray, bos: int, docs: int = 4, seed: int = 0,
+                  within: int | None = None) -> Rule:
     """A per-document method scores each document alone: with every other document's tokens replaced
     (BOS and lengths kept), and the stream cut after the document that follows it, a chosen document's
     probabilities must be bit-identical (the cut changes the later documents too, and saves a costly method
-    the rest of the stream)."""
+    the rest of the stream). `within`: documents are chosen among those that start at or before that target."""
     from pgolf.windows import doc_starts  # audit.py stays free of the scorer's modules otherwise
 
     starts = doc_starts(tokens, bos)
     ends = np.append(starts[1:], len(tokens))
     rng = np.random.default_rng(seed)
-    chosen = rng.choice(len(starts), min(docs, len(starts)), replace=False)
+    eligible = len(starts) if within is None else max(1, int(np.searchsorted(starts, within, side="right")))
+    chosen = rng.choice(eligible, min(docs, eligible), replace=False)
     base, moved = run(tokens), 0
     high = int(tokens.max()) + 1
     for d in chosen:

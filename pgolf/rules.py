@@ -154,11 +154,11 @@ def adapt_rules(base: GPT, r: Records, adapted_nll: np.ndarray, pass1_nll: np.nd
         rerun, dist, box = run.nll, run.dists.__getitem__, AdaptAudit(base, r, ev, tp, run)
         rules = [audit.substitution(box.run, r.tokens, probes, base.p.vocab_size, "substitution_adapt", batch=box.batch, spot=1, spot_at=SPOT_AT)]
         done.update(what="substitution_adapt")
-        head = r.tokens[: span + 1]
-        rules.append(audit.causality_cuts("causality_adapt", box.run, head, audit.cuts(span + 1, CUTS, seed=5), tail=CAUSALITY_TAIL))
+        # Both compare with the report's own run of the whole stream, so neither pays a run of its own for that.
+        rules.append(audit.causality_cuts("causality_adapt", box.run, r.tokens, audit.cuts(span + 1, CUTS, seed=5), tail=CAUSALITY_TAIL))
         done.update(what="causality_adapt")
         if doc_isolated(ev, tp):
-            rules.append(audit.doc_isolation("doc_isolation_adapt", box.run, head, r.bos, docs=2))
+            rules.append(audit.doc_isolation("doc_isolation_adapt", box.run, r.tokens, r.bos, docs=2, within=span))
             done.update(what="doc_isolation_adapt")
     differ = int(np.count_nonzero(rerun.astype(np.float32) != adapted_nll.astype(np.float32)))
     return [Rule("single_pass_adapt", differ == 0, float(differ), 0,

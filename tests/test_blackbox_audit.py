@@ -210,3 +210,20 @@ def test_cuts_spread_over_the_whole_stream():
     c = audit.cuts(100_000, 8, seed=3)
     assert len(c) == 8 and c.min() >= 1 and c.max() < 100_000 and np.all(np.diff(c) > 0)
     assert (np.histogram(c, bins=8, range=(1, 100_000))[0] == 1).all()  # one in each eighth
+
+
+def test_doc_isolation_within_chooses_early_documents_and_still_catches_a_leak():
+    # `within` keeps a costly method's runs short: every document chosen starts by that target, so every
+    # changed stream ends by the end of the document after it.
+    seen = []
+
+    def recording(run):
+        def wrapped(s):
+            seen.append(len(s))
+            return run(s)
+        return wrapped
+
+    assert audit.doc_isolation("doc_isolation", recording(doc_isolated), TOKENS, BOS, docs=2, within=45).passed
+    # Documents 0-2 start by target 45 (BOS at 0, 40, 41, 90, 200, 260); the latest, 41..89, is cut after document 3.
+    assert seen[0] == len(TOKENS) and len(seen) == 3 and max(seen[1:]) <= 201
+    assert not audit.doc_isolation("doc_isolation", smear_leak, TOKENS, BOS, docs=3, within=100).passed
