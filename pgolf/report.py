@@ -49,8 +49,9 @@ def headline(pre: float, post: float, m: dict[str, dict], weight_bytes: int, cod
 
 def summary(h: dict) -> str:
     """The stage's last line."""
+    adapted = f"{h['val_bpb_adapt']:.4f} adapted ({h['ttt_method']}), " if h["ttt_method"] != "none" else ""
     return (f"val_bpb {h['val_bpb_pre_quant']:.4f} float -> {h['val_bpb_post_quant']:.4f} packed (non-overlapping), "
-            f"{h['val_bpb_scored']:.4f} {h['scored_mode']}, {h['val_bpb_cache']:.4f} with the cache; artifact {h['artifact_bytes']:,} bytes; "
+            f"{h['val_bpb_scored']:.4f} {h['scored_mode']}, {adapted}{h['val_bpb_cache']:.4f} with the cache; artifact {h['artifact_bytes']:,} bytes; "
             f"{h['rules_passed']}/{h['rules']} rules pass")
 
 

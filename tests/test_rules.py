@@ -61,7 +61,9 @@ def test_headline_and_markdown_carry_every_rule():
     checked = [Rule("a", True, 0.0, 1.0, "fine"), Rule("b", False, 2.0, 1.0, "broken")]
     h = report.headline(2.1, 2.2, m, 900, 100, 5, 10, 30, checked)
     assert h["artifact_bytes"] == 1000 and h["rules_passed"] == 1 and not h["passed"] and round(h["quant_penalty"], 6) == 0.1
-    assert "1/2 rules pass" in report.summary(h)
+    assert "1/2 rules pass" in report.summary(h) and "adapted" not in report.summary(h)
+    m["adapt"] = {"val_bpb": 1.9, "gain": 0.1, "method": "doc_lora"}
+    assert "sliding-64, 1.9000 adapted (doc_lora), 1.7000 with the cache" in report.summary(report.headline(2.1, 2.2, m, 900, 100, 5, 10, 30, checked))
     p = {"eval": {"seq_len": 8}, "cache": {"mix": "online", "max_order": 3}}
     text = report.markdown(h, checked, {"report": 1.0}, p, ["x.svg"])
     assert "| a | pass | fine |" in text and "| b | **FAIL** | broken |" in text and "![x](plots/x.svg)" in text
