@@ -191,7 +191,8 @@ def causality_cuts(name: str, run: Callable[[np.ndarray], np.ndarray], tokens: n
         n = int(np.count_nonzero(run(scrambled(tokens, c, rng, tail))[:c] != base[:c]))
         moved += n
         worst = c if n and worst is None else worst
-    return Rule(name, moved == 0, moved, 0, f"{len(at)} cuts across {len(tokens) - 1} targets: {moved} probabilities before a cut changed "
+    where = ", ".join(f"{int(c):,}" for c in at)
+    return Rule(name, moved == 0, moved, 0, f"cuts after targets {where} of {len(tokens) - 1:,}: {moved} probabilities before a cut changed "
                 f"when the tokens after it did" + (f" (first at cut {worst})" if worst is not None else ""))
 
 

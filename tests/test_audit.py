@@ -183,7 +183,8 @@ def test_the_real_pipeline_passes_every_rule(pipeline):
                           "in_range_pass1", "in_range_cache",
                           "artifact_bytes", "state_bytes", "cache_overhead", "training_budget", "eval_budget", "val_not_in_train",
                           "val_not_in_calibration", "bytes_are_utf8", "val_starts_with_bos"}
-    assert "disagreed with a plain run on 0 of" in rules["substitution_cache"]["detail"] and "4 cuts" in rules["causality_cache"]["detail"]
+    assert "disagreed with a plain run on 0 of" in rules["substitution_cache"]["detail"]
+    assert rules["causality_cache"]["detail"].split(":")[0].count(", ") == 3  # four cuts, named
     for key in ("val_bpb_pre_quant", "val_bpb_post_quant", "quant_penalty", "val_bpb_scored", "val_bpb_cache", "cache_gain",
                 "artifact_bytes", "code_bytes", "weight_bytes", "state_bytes"):
         assert key in report
