@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import resource
 import shutil
+import signal
 import struct
 import subprocess
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 from pathlib import Path
+from typing import Callable, Iterable
 
 import brotli
 import numpy as np
@@ -39,6 +44,11 @@ DTYPES = {"int8": (torch.int8, np.int8), "int16": (torch.int16, np.int16), "floa
           "float32": (torch.float32, np.float32)}
 CODECS = ("zstd", "brotli", "lrzip")
 ORDER = ".order"  # int16 row order of a tensor stored with the "sorted" filter, consumed when decoding it
+LRZIP_DIR = "pgolf-lrzip-"  # + pid: the next lrzip run removes those of processes killed by kill -9
+LRZIP_TIME = 60, 50_000  # an lrzip run's time limit: 60 s + 1 s per 50 kB (ZPAQ -L 9 decodes ~250 kB/s a core)
+ZPAQ_BLOCK = 256 << 20  # address space per block lrzip decodes at once (ZPAQ -L 9's model: ~240 MiB)
+_running: set[subprocess.Popen] = set()  # lrzip programs under way: threaded() kills them when interrupted
+_stopping = threading.Event()  # set while a failed threaded() waits for its threads: lrzip runs are killed
 
 
 def _bitunpack(data: bytes, bits: int, n: int) -> np.ndarray:
@@ -76,33 +86,108 @@ def unshuffle(data: bytes, stride: int) -> bytes:
     return out.tobytes()
 
 
-def lrzip(args: list[str], data: bytes, where: str) -> bytes:
-    """Run the lrzip program on data (through files: it reads and writes no pipes reliably)."""
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's
+        pass
+    return False
+
+
+def _lower(limits: list[tuple[int, int]]) -> None:  # in the child, before lrzip starts: the soft limits, never raised
+    for k, v in limits:
+        soft, hard = resource.getrlimit(k)
+        resource.setrlimit(k, (v if soft == resource.RLIM_INFINITY else min(v, soft), hard))
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)  # its own process group (start_new_session)
+
+
+def threaded(fn: Callable, *args: Iterable) -> list:
+    """fn over args in threads (codecs and lrzip run outside the GIL). On a failure or an interruption (Ctrl-C, SIGTERM
+    made SystemExit by pgolf/stage.py) the lrzip programs are killed: the threads end at once, removing their folders."""
+    pool = ThreadPoolExecutor()
+    try:
+        return list(pool.map(fn, *args))
+    except BaseException:
+        _stopping.set()
+        for proc in list(_running):
+            _kill(proc)
+        raise
+    finally:
+        pool.shutdown()
+        _stopping.clear()
+
+
+def lrzip(args: list[str], data: bytes, where: str, size: int | None = None) -> bytes:
+    """Run the lrzip program on data through files (it handles pipes badly) in a session of its own (no terminal
+    to ask a passphrase on), stdin closed, config ignored, in a time limit, its messages in one line. With `size`
+    (decompressing), the kernel stops it past `size` bytes written or past memory for its blocks and threads."""
     if shutil.which("lrzip") is None:
         raise InputError(f"{where}: needs the lrzip program, which is not installed (apt-get install lrzip)")
-    with tempfile.TemporaryDirectory() as tmp:
+    for old in Path(tempfile.gettempdir()).glob(LRZIP_DIR + "*-*"):
+        if old.name.split("-")[2].isdigit() and _gone(int(old.name.split("-")[2])):
+            shutil.rmtree(old, ignore_errors=True)
+    limits, seconds = [], LRZIP_TIME[0] + max(len(data), size or 0) / LRZIP_TIME[1]
+    if size is not None:  # lrzip writes blocks of 10 MiB or more: a thread for each, up to the cores
+        threads = max(1, min(os.cpu_count() or 1, -(-size // (10 << 20))))
+        args = [*args, "-p", str(threads)]
+        limits = [(resource.RLIMIT_FSIZE, size), (resource.RLIMIT_AS, 2 * size + (threads + 2) * ZPAQ_BLOCK)]
+    with tempfile.TemporaryDirectory(prefix=f"{LRZIP_DIR}{os.getpid()}-") as tmp:
         src, dst = Path(tmp) / "in", Path(tmp) / "out"
         src.write_bytes(data)
-        run = subprocess.run(["lrzip", "-q", "-f", *args, "-o", str(dst), str(src)], capture_output=True)
-        if run.returncode != 0 or not dst.is_file():
-            raise InputError(f"{where}: lrzip failed: {run.stderr.decode(errors='replace').strip()[-200:]}")
+        proc = subprocess.Popen(["lrzip", "-q", "-f", *args, "-o", str(dst), str(src)], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                                env=dict(os.environ, LRZIP="NOCONFIG"),
+                                preexec_fn=(lambda: _lower(limits)) if limits else None)
+        _running.add(proc)
+        try:
+            if _stopping.is_set():  # started as its caller was interrupted
+                _kill(proc)
+            text = proc.communicate(timeout=seconds)[1].decode(errors="replace")
+        except subprocess.TimeoutExpired:
+            raise InputError(f"{where}: lrzip ran past its time limit of {seconds:.0f} s") from None
+        finally:
+            _kill(proc)
+            proc.wait()
+            _running.discard(proc)
+        if proc.returncode == -signal.SIGXFSZ:
+            raise InputError(f"{where}: an lrzip stream decompresses past its declared {size} bytes")
+        if proc.returncode != 0 or not dst.is_file():
+            text = "; ".join(line.strip() for line in text.splitlines() if line.strip())[-200:]
+            raise InputError(f"{where}: lrzip failed (exit status {proc.returncode}): {text}")
         return dst.read_bytes()
 
 
 def decompress(data: bytes, codec: str, size: int, where: str) -> bytes:
-    """A stream's bytes, refused unless they decompress to exactly `size` bytes (never more are produced)."""
+    """A stream's bytes, refused unless they decompress to exactly `size` bytes: the decoder stops one byte past
+    `size` (zstd exactly, brotli within 96 KiB), and never holds more."""
     try:
-        if codec == "zstd":
-            out = zstandard.ZstdDecompressor().decompress(data, max_output_size=size, allow_extra_data=False) if size else b""
-        elif codec == "brotli":
-            d = brotli.Decompressor()
-            out = d.process(data, output_buffer_limit=size + 1)
+        if codec == "zstd":  # a frame that declares its size must declare this one; more frames or bytes are refused
+            claimed = zstandard.get_frame_parameters(data).content_size
+            if claimed not in (size, zstandard.CONTENTSIZE_UNKNOWN):
+                raise InputError(f"{where}: a zstd frame declares {claimed} bytes, the header {size}")
+            out = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True).read(size + 1)
+        elif codec == "brotli":  # output_buffer_limit is where the output stops growing (up to 2x on): 96 KiB at a time
+            d, parts, n = brotli.Decompressor(), [], 0
+            more = d.process(data, output_buffer_limit=1 << 16)
+            while more and n <= size:
+                parts.append(more)
+                n += len(more)
+                more = d.process(b"", output_buffer_limit=1 << 16)
             if not d.is_finished():
                 raise InputError(f"{where}: a brotli stream decompresses past its declared {size} bytes or is cut short")
-        else:  # an lrzip file declares its size in bytes 6..13: checked before the program runs
-            if len(data) < 14 or data[:4] != b"LRZI" or int.from_bytes(data[6:14], "little") != size:
+            out = b"".join(parts)
+        else:  # an lrzip file (format 0.6 on) declares its size in bytes 6..13 and encryption in byte 22
+            if len(data) < 24 or data[:5] != b"LRZI\0" or data[5] < 6 or data[22]:
+                raise InputError(f"{where}: an lrzip stream is not an unencrypted lrzip 0.6 file")
+            if int.from_bytes(data[6:14], "little") != size:
                 raise InputError(f"{where}: an lrzip stream does not declare its {size} bytes")
-            out = lrzip(["-d"], data, where)
+            out = lrzip(["-d"], data, where, size)
     except (zstandard.ZstdError, brotli.error) as exc:
         raise InputError(f"{where}: a {codec} stream does not decompress ({exc})") from None
     if len(out) != size:
@@ -205,8 +290,7 @@ def _decode(blob: bytes, header: dict, starts: list[int], where: str) -> dict[st
         data = decompress(blob[at : at + st["size"]], st["codec"], st["payload_size"], where)
         return unshuffle(data, st["shuffle"]) if st["shuffle"] > 1 else data
 
-    with ThreadPoolExecutor() as pool:  # the codecs (and the lrzip program) run outside the GIL
-        payloads = list(pool.map(stream, header["streams"], starts))
+    payloads = threaded(stream, header["streams"], starts)
 
     def data(e: dict) -> bytes:
         return payloads[e["stream"]][e["offset"] : e["offset"] + e["length"]]

@@ -24,14 +24,13 @@ import re
 import shutil
 import struct
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import brotli
 import numpy as np
 import torch
 import zstandard
 
-from pgolf.artifact import DTYPES, MAGIC, ORDER, filters, lrzip
+from pgolf.artifact import DTYPES, MAGIC, ORDER, filters, lrzip, threaded
 from pgolf.errors import InputError
 
 COMPRESSORS = ("zstd", "brotli", "lrzip")
@@ -193,8 +192,7 @@ def assemble(tensors: dict[str, torch.Tensor], bits: dict[str, int], meta: dict,
         (codec, stride), payload = plan.streams[k], payloads[k]
         return compress(shuffle(payload, stride) if stride > 1 else payload, codec, zstandard.ZstdCompressor(level=level))
 
-    with ThreadPoolExecutor() as pool:  # the codecs (and the lrzip program) run outside the GIL
-        blobs = list(pool.map(compressed, range(len(payloads))))
+    blobs = threaded(compressed, range(len(payloads)))
     streams = [{"codec": c, "shuffle": st, "size": len(b), "payload_size": len(p)} for (c, st), b, p in zip(plan.streams, blobs, payloads)]
     header = json.dumps({"version": 2, "meta": meta, "streams": streams, "tensors": entries}, separators=(",", ":"))
     header_z = zstandard.ZstdCompressor(level=level).compress(header.encode())

@@ -1,4 +1,5 @@
-"""Mutated artifacts against the loader. Run as a script: prints one JSON line of outcomes and peak memory.
+"""Mutated artifacts against the loader. Run as a script: prints one JSON line of outcomes and peak memory
+(this process's and its children's, the lrzip program's).
 
 Every header mutation keeps a valid checksum, so what is tested is the loader's reading of the
 header, not the checksum. Used by tests/test_artifact_fuzz.py in a fresh process (its peak memory
@@ -6,6 +7,7 @@ is the loader's, not the test session's).
 """
 from __future__ import annotations
 
+import base64
 import copy
 import dataclasses
 import hashlib
@@ -108,20 +110,48 @@ def mutate_payload(payload: bytes, rng: random.Random) -> tuple[bytes, str]:
     return zstandard.ZstdCompressor().compress(bytes(rng.randrange(1, 1 << 20))), op
 
 
+# 1 GiB of zeros in lrzip 0.6 (one rzip chunk: lrzip stops after the first chunk that reaches the size its header
+# declares, and only then), made once by `truncate -s 1G zeros && lrzip -b -L 9 zeros`: that takes 7 to 35 s and
+# 2.4 to 3.1 GB here, too much for every run. zstd-compressed; lrzip -d writes 1 GiB from it (md5 checked).
+LRZIP_ZEROS = base64.b64decode(
+    "KLUv/WDpAmUHAIQMTFJaSQAGAAAAQAABAAAEAQAAAEADAFgCAAAaAAAABBIBAABWVVUVOQEAAEJaaDkxQVkmU1kOCeLfAV+OQADAAAAIIAAwgE"
+    "1GQqAlqQqAl9fR9CoBGHrgAMAAECClNBmNJVBQ2FKoKHi7kinChIEkCBIonAI3AAAACsAAAAAACW4+ZQAgAsQAyABAAAAAoABQZpoFJI7PZqqq"
+    "qr3OAAMAAfF3JFOFCQCW4+ZQVAAAfWvDtkCEcdmuyM1XPPqs4H55SbwMRgKJBP8NIEBDsnRVdEkahQKr2UvjusQKF5m24jbVcASFUIjst+kF")
+
+
+def lrzip_zeros(size: int, encrypted: bool = False) -> bytes:
+    """The 1 GiB of zeros with lrzip's own header declaring `size` bytes (and, if asked, its encryption flag set)."""
+    data = bytearray(zstandard.ZstdDecompressor().decompress(LRZIP_ZEROS))
+    data[6:14], data[22] = size.to_bytes(8, "little"), int(encrypted)
+    return bytes(data)
+
+
+def zstd_claiming(size: int) -> bytes:
+    """A 54-byte zstd frame whose header declares `size` bytes: ten RLE blocks of 128 KiB of zeros, and no end."""
+    return b"\x28\xb5\x2f\xfd\xc0\x38" + size.to_bytes(8, "little") + ((128 << 10 << 3 | 1 << 1).to_bytes(3, "little") + b"\0") * 10
+
+
 def bombs(header: dict, payload: bytes) -> list[tuple[str, bytes]]:
-    """The reported cases: a huge declared model; streams of zeros far larger than their tensors, in each codec;
-    an lrzip stream whose own header claims 900 MiB."""
+    """The reported cases: a huge declared model; streams far larger than their header says (1 GiB of zeros in each
+    codec, a zstd frame claiming 1 TB); lrzip streams whose header claims 900 MiB, that are encrypted, cut short or
+    corrupt; tensors of 900 MiB. Stream 0 keeps the header's payload size (its own lrzip header says the same)."""
     big = copy.deepcopy(header)
     big["meta"]["model"].update(dim=16384, layers=200)
     out = [("model of dim 16384 x 200 layers", join(big, payload))]
-    mib = bytes(1 << 20)  # compressed a MiB at a time: this process holds no 900 MiB either
-    z, b = zstandard.ZstdCompressor(level=1).compressobj(), brotli.Compressor(quality=1)
-    zstd_zeros = b"".join(z.compress(mib) for _ in range(900)) + z.flush()
-    brotli_zeros = b"".join(b.process(mib) for _ in range(900)) + b.finish()
-    for codec, data in (("zstd", zstd_zeros), ("brotli", brotli_zeros), ("lrzip", b"LRZI\0\x06" + (900 << 20).to_bytes(8, "little") + bytes(64))):
-        bomb = copy.deepcopy(header)  # stream 0 declares its true payload size; its data holds 900 MiB
+    mib, size = bytes(1 << 20), header["streams"][0]["payload_size"]  # compressed a MiB at a time: this process holds no GiB
+    z, b = zstandard.ZstdCompressor(level=1).compressobj(size=1 << 30), brotli.Compressor(quality=1)
+    zeros = lrzip_zeros(size)
+    for what, codec, data in (("1 GiB of zeros, zstd (its frame says 1 GiB)", "zstd", b"".join(z.compress(mib) for _ in range(1024)) + z.flush()),
+                              ("a zstd frame claiming 1 TB", "zstd", zstd_claiming(1 << 40)),
+                              ("1 GiB of zeros, brotli", "brotli", b"".join(b.process(mib) for _ in range(1024)) + b.finish()),
+                              ("1 GiB of zeros, lrzip", "lrzip", zeros),
+                              ("lrzip header claiming 900 MiB", "lrzip", b"LRZI\0\x06" + (900 << 20).to_bytes(8, "little") + bytes(64)),
+                              ("lrzip, encrypted", "lrzip", lrzip_zeros(size, encrypted=True)),
+                              ("lrzip, cut short", "lrzip", zeros[:500]),
+                              ("lrzip, corrupt", "lrzip", zeros[:640] + bytes(40) + zeros[680:])):
+        bomb = copy.deepcopy(header)  # stream 0 declares its true payload size; its data is the bomb
         bomb["streams"][0].update(codec=codec, size=len(data))
-        out.append((f"900 MiB of zeros, {codec}", join(bomb, data + payload[header["streams"][0]["size"] :])))
+        out.append((what, join(bomb, data + payload[header["streams"][0]["size"] :])))
     matching = copy.deepcopy(header)  # tensors that do cover 900 MiB: refused by size before decompressing
     matching["tensors"].append({"name": "pad", "dtype": "float32", "shape": [225 << 20], "bits": 8, "filter": "raw", "stream": 0,
                                 "offset": header["streams"][0]["payload_size"], "length": 900 << 20})
@@ -137,7 +167,7 @@ def run(cases: int, seed: int) -> dict:
     path = Path(tempfile.mkdtemp()) / "model.pgolf"
     path.write_bytes(blob)
     artifact.load_model(path)  # the unmutated artifact loads
-    outcomes = {"refused": 0, "loaded": [], "other": []}
+    outcomes = {"refused": 0, "loaded": [], "other": [], "bombs": {}}
     mutants = [(f"bomb: {name}", b) for name, b in bombs(header, payload)]
     for i in range(cases):
         if i % 5 == 4:  # one stream's bytes replaced, its size updated so that the streams still tile the file
@@ -156,11 +186,14 @@ def run(cases: int, seed: int) -> dict:
             outcomes["loaded"].append(what)
         except InputError as exc:
             outcomes["refused"] += 1
+            if what.startswith("bomb: "):
+                outcomes["bombs"][what[6:]] = str(exc).removeprefix(f"{path}: ")
             assert "\n" not in str(exc) and str(exc).startswith(str(path)), str(exc)
         except Exception as exc:  # noqa: BLE001 - any other exception is what the fuzz looks for
             outcomes["other"].append(f"{what}: {type(exc).__name__}: {exc}"[:300])
     outcomes["cases"] = len(mutants)
     outcomes["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    outcomes["max_rss_children_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return outcomes
 
 

@@ -1,11 +1,18 @@
+import contextlib
 import hashlib
 import json
+import os
 import re
+import signal
 import struct
 import subprocess
 import sys
+import tempfile
+import time
+import tracemalloc
 from pathlib import Path
 
+import brotli
 import pytest
 import torch
 import zstandard
@@ -99,7 +106,7 @@ def test_pack_stage_round_trips_the_calibrated_tensors(packed):
     assert m["total_bytes"] == m["weight_bytes"] + m["code_bytes"] == (root / "artifacts/model.pgolf").stat().st_size + m["code_bytes"]
     code_files = json.loads((root / "reports/details/pack.json").read_text())["code_files"]
     assert set(code_files) == {"pgolf/artifact.py", "pgolf/codes.py", "pgolf/errors.py", "pgolf/model.py"}  # a self-contained loader
-    assert m["code_bytes"] <= 40_000  # the loader (three codecs) and the model with the record family's features, little else
+    assert m["code_bytes"] <= 44_000  # the loader (three codecs, lrzip run in bounds) and the model with the record family's features, little else
     assert m["code"] == "raw" and m["code_bytes"] == m["code_bytes_raw"] == sum(len((REPO / f).read_bytes()) for f in code_files)
     assert m["code_bytes_compressed"] < m["code_bytes_raw"] / 2
 
@@ -215,3 +222,93 @@ def test_an_lrzip_artifact_without_the_program_is_one_clear_error(tmp_path, monk
         pack.pack(tensors, {"w.codes": 5}, {}, 3, "lrzip")
     blob, report = pack.pack(tensors, {"w.codes": 5}, {}, 3, "auto")  # auto tries what is installed, and says so
     assert report["compressors"]["lrzip"] == {"skipped": "the lrzip program is not installed"}
+
+
+def test_zstd_and_brotli_hold_no_more_than_the_declared_size():
+    # python-zstandard's decompress() allocates what a frame's header claims; brotli's output_buffer_limit
+    # lets the output reach twice the limit. The loader reads one byte past the declared size, and no more.
+    mib, size = bytes(1 << 20), 1 << 20
+    z = zstandard.ZstdCompressor(level=1).compressobj(size=64 << 20)
+    declared = b"".join(z.compress(mib) for _ in range(64)) + z.flush()
+    z = zstandard.ZstdCompressor(level=1).compressobj()
+    undeclared = b"".join(z.compress(mib) for _ in range(64)) + z.flush()
+    b = brotli.Compressor(quality=1)
+    bombs = {"zstd": (declared, undeclared), "brotli": (b"".join(b.process(mib) for _ in range(64)) + b.finish(),)}
+    for codec, streams in bombs.items():
+        for data in streams:
+            tracemalloc.start()
+            with pytest.raises(InputError, match=f"x.pgolf: a {codec} (frame declares 67108864 bytes|stream .*{size})"):
+                artifact.decompress(data, codec, size, "x.pgolf")
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            assert peak < size + (256 << 10), (codec, peak)
+
+
+@pytest.fixture(scope="module")
+def lrzip_artifact(lrzip) -> bytes:
+    """An artifact with a ZPAQ stream that takes lrzip a second or so to decode."""
+    g = torch.Generator().manual_seed(0)
+    return pack.pack({"w.codes": torch.randint(-15, 16, (1024, 512), generator=g, dtype=torch.int8)}, {"w.codes": 5}, {}, 3, "lrzip")[0]
+
+
+def test_lrzip_headers_are_checked_before_the_program_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no lrzip: whatever is refused here never reached the program
+    stream = b"LRZI\0\x06" + (4096).to_bytes(8, "little") + bytes(64)
+    for data, message in [(stream[:22] + b"\1" + stream[23:], "is not an unencrypted lrzip 0.6 file"),  # it would ask for a passphrase
+                          (stream[:5] + b"\x05" + stream[6:], "is not an unencrypted lrzip 0.6 file"),
+                          (stream[:6] + (4095).to_bytes(8, "little") + stream[14:], "does not declare its 4096 bytes")]:
+        with pytest.raises(InputError, match=f"^x.pgolf: an lrzip stream {message}$"):
+            artifact.decompress(data, "lrzip", 4096, "x.pgolf")
+
+
+def _lrzip_children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():  # threads come and go: a vanished one is read again next time
+        with contextlib.suppress(OSError):
+            found += [int(c) for c in (task / "children").read_text().split() if Path(f"/proc/{c}/comm").read_text().strip() == "lrzip"]
+    return found
+
+
+def test_sigterm_mid_decompression_kills_lrzip_and_leaves_no_folder(tmp_path, lrzip_artifact):
+    # SIGTERM (a stage's parent gone, or dvc stopping it) becomes SystemExit in the stage's main thread while a
+    # worker thread waits on lrzip: the program is killed, whatever it is doing, and its folder removed.
+    (tmp_path / "model.pgolf").write_bytes(lrzip_artifact)
+    (tmp_path / "tmp").mkdir()
+    code = "from pgolf import artifact, stage; stage.end_with_parent(); artifact.unpack(open('model.pgolf', 'rb').read())"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=dict(os.environ, TMPDIR=str(tmp_path / "tmp"), PYTHONPATH=str(REPO)))
+    try:
+        deadline, lz = time.time() + 60, []
+        while not lz and time.time() < deadline and proc.poll() is None:
+            lz = _lrzip_children(proc.pid)
+        assert lz, "lrzip never ran"
+        os.kill(lz[0], signal.SIGSTOP)  # stuck mid-decompression, as at a passphrase prompt
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        assert not Path(f"/proc/{lz[0]}").exists() and list((tmp_path / "tmp").iterdir()) == []
+    finally:
+        if proc.poll() is None:  # stuck on its lrzip (still its child, so the pid is lrzip's): both killed
+            for pid in [*lz, proc.pid]:
+                os.kill(pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_lrzip_past_its_time_limit_is_killed_and_its_folder_removed(tmp_path, monkeypatch, lrzip_artifact):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(artifact, "LRZIP_TIME", (0.05, 1e12))
+    with pytest.raises(InputError, match=r"^x.pgolf: lrzip ran past its time limit of 0 s$"):
+        artifact.unpack(lrzip_artifact, "x.pgolf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_next_lrzip_run_removes_the_folders_of_killed_processes(tmp_path, monkeypatch, lrzip):
+    # kill -9 leaves a folder behind (nothing runs in the process to remove it); its name holds the pid.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale, live = tmp_path / f"pgolf-lrzip-{gone.pid}-abc", tmp_path / f"pgolf-lrzip-{os.getpid()}-abc"
+    for d in (stale, live):
+        d.mkdir()
+        (d / "out").write_bytes(b"payload")
+    data = b"pgolf " * 1000
+    assert artifact.decompress(artifact.lrzip([], data, "x"), "lrzip", len(data), "x") == data
+    assert not stale.exists() and live.exists()
