@@ -20,22 +20,24 @@ from __future__ import annotations
 import dataclasses
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 
 from pgolf import ngram
 from pgolf.errors import InputError
+from pgolf.params import Range
 
 
 @dataclasses.dataclass(frozen=True)
 class CacheParams:
-    max_order: int  # n-gram orders 1..max_order (context of max_order - 1 tokens)
+    max_order: Annotated[int, Range(ge=1, le=16)]  # n-gram orders 1..max_order (context of max_order - 1 tokens)
     mix: str  # fixed | online: how λ is chosen (see pgolf/cache.py)
-    lam: float  # fixed: λ; online: the prior λ of every bucket
-    entropy_bins: int  # online: buckets of the model's entropy, one per nat
-    prior: float  # online: pseudo-count of the prior λ
-    update_every: int  # online: λ is re-estimated after every this many scored tokens
-    max_state_bytes: int  # cap on the cache's tables and λ state
+    lam: Annotated[float, Range(ge=0, le=1)]  # fixed: λ; online: the prior λ of every bucket
+    entropy_bins: Annotated[int, Range(ge=1)]  # online: buckets of the model's entropy, one per nat
+    prior: Annotated[float, Range(gt=0)]  # online: pseudo-count of the prior λ
+    update_every: Annotated[int, Range(ge=1)]  # online: λ is re-estimated after every this many scored tokens
+    max_state_bytes: Annotated[int, Range(ge=1)]  # cap on the cache's tables and λ state
     input: str = "score"  # the neural records the cache mixes with: score (pass 1) | adapt (after test-time training)
 
     def __post_init__(self) -> None:
@@ -43,14 +45,6 @@ class CacheParams:
             raise InputError(f"params.yaml: cache.input is {self.input!r}; use score or adapt")
         if self.mix not in ("fixed", "online"):
             raise InputError(f"params.yaml: cache.mix is {self.mix!r}; use fixed or online")
-        if not 1 <= self.max_order <= 16:
-            raise InputError("params.yaml: cache.max_order must be 1..16")
-        if not 0.0 <= self.lam <= 1.0:
-            raise InputError("params.yaml: cache.lam must be in [0, 1]")
-        if self.entropy_bins < 1 or self.update_every < 1 or self.prior <= 0:
-            raise InputError("params.yaml: cache.entropy_bins, cache.update_every and cache.prior must be positive")
-        if self.max_state_bytes < 1:
-            raise InputError("params.yaml: cache.max_state_bytes must be positive")
 
 
 LAMBDA_BYTES = 16  # per online bucket: the running sum of r and the count, float64 each

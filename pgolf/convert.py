@@ -7,7 +7,8 @@ SRC is a state dict as a record saves it (`final_model.pt`, read with torch.load
 (qo_bank = every layer's q then every layer's output projection, kv_bank = k then v, mlp_up_bank,
 mlp_down_bank). PROFILE is a params file whose `model` section describes the same network
 (profiles/record-1394.yaml, profiles/record-1855.yaml). Every tensor must be there with its shape and
-nothing else may be; otherwise one error names the first bad tensor and OUT is not written.
+nothing else may be; otherwise one error names the first bad tensor and OUT is not written. OUT is a file:
+an existing folder there, or a parent that is not a folder, is refused before SRC is read.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from safetensors.torch import load_file
 
 from pgolf import checkpoint, params
 from pgolf.errors import InputError
-from pgolf.files import sha256_file
+from pgolf.files import check_file_output, sha256_file
 from pgolf.model import GPT, ModelParams
 
 # The record's name -> ours, where they differ (the matrices and per-block scalars share the baseline's names).
@@ -119,6 +120,7 @@ def imported_model(src: Path, p: ModelParams) -> tuple[GPT, dict]:
 
 def convert(src: Path, out: Path, p: ModelParams) -> GPT:
     """Read SRC, check it against the model params, write OUT as a pgolf checkpoint (whole, or not at all)."""
+    check_file_output(out)
     model, source = imported_model(src, p)
     checkpoint.save_model(out, model, {"step": 0, "imported": source})
     return model

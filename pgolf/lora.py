@@ -22,23 +22,32 @@ from pgolf.model import GPT, layer_order
 TARGETS = ("q", "k", "v", "o", "mlp", "head")
 
 
+def adapters(model: GPT, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    """Each adapter's key and (inputs, outputs): one per target and run of a block (the head: one)."""
+    p = model.p
+    kv = p.kv_heads * (p.dim // p.heads)
+    width = {"q": (p.dim, p.dim), "k": (p.dim, kv), "v": (p.dim, kv), "o": (p.dim, p.dim), "mlp": (p.dim, p.dim), "head": (p.dim, p.vocab_size)}
+    runs = len(layer_order(p, model.looping))
+    return {f"{name}{slot}": width[name] for name in targets for slot in range(1 if name == "head" else runs)}
+
+
+def adapter_params(model: GPT, rank: int, targets: tuple[str, ...]) -> int:
+    """Parameters of one document's adapters (A and B of every adapter), from the shapes alone."""
+    return rank * sum(n_in + n_out for n_in, n_out in adapters(model, targets).values())
+
+
 class DocLoRA(nn.Module):
     def __init__(self, model: GPT, docs: int, rank: int, alpha: float, targets: tuple[str, ...], seed: int = 0):
         super().__init__()
-        p = model.p
         self.targets, self.scale = tuple(targets), alpha / rank
-        self.order = layer_order(p, model.looping)
-        kv = p.kv_heads * (p.dim // p.heads)
-        width = {"q": (p.dim, p.dim), "k": (p.dim, kv), "v": (p.dim, kv), "o": (p.dim, p.dim), "mlp": (p.dim, p.dim), "head": (p.dim, p.vocab_size)}
+        self.order = layer_order(model.p, model.looping)
         g = torch.Generator().manual_seed(seed)
         self.A, self.B = nn.ParameterDict(), nn.ParameterDict()
-        for name in self.targets:
-            for slot in range(1 if name == "head" else len(self.order)):
-                n_in, n_out = width[name]
-                bound = 1 / math.sqrt(n_in)
-                a0 = torch.empty(rank, n_in).uniform_(-bound, bound, generator=g)
-                self.A[f"{name}{slot}"] = nn.Parameter(a0.expand(docs, rank, n_in).clone())
-                self.B[f"{name}{slot}"] = nn.Parameter(torch.zeros(docs, n_out, rank))
+        for key, (n_in, n_out) in adapters(model, self.targets).items():
+            bound = 1 / math.sqrt(n_in)
+            a0 = torch.empty(rank, n_in).uniform_(-bound, bound, generator=g)
+            self.A[key] = nn.Parameter(a0.expand(docs, rank, n_in).clone())
+            self.B[key] = nn.Parameter(torch.zeros(docs, n_out, rank))
 
     def delta(self, key: str, x: Tensor) -> Tensor:
         """The adapters' addition for inputs x [docs, T, n_in], row i adapted by document slot i."""

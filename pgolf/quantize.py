@@ -11,6 +11,7 @@ shards or from the float model itself (sample), so that nothing is read after tr
 from __future__ import annotations
 
 import dataclasses
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from pgolf import gptq, lqer
 from pgolf.codes import weight
 from pgolf.lqer import LqerParams
 from pgolf.model import BOS_ID, GPT, CastedLinear
+from pgolf.params import Range
 from pgolf.progress import Progress
 
 
@@ -38,14 +40,9 @@ class QuantBits:
 
 @dataclasses.dataclass(frozen=True)
 class QuantSigmas:
-    attn: float  # the SD clip's k per class: scale = k * std(row) / qmax
-    mlp: float
-    embed: float
-
-    def __post_init__(self) -> None:
-        for key in ("attn", "mlp", "embed"):
-            if not getattr(self, key) > 0:
-                raise InputError(f"params.yaml: quant.sigmas.{key} must be positive")
+    attn: Annotated[float, Range(gt=0)]  # the SD clip's k per class: scale = k * std(row) / qmax
+    mlp: Annotated[float, Range(gt=0)]
+    embed: Annotated[float, Range(gt=0)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,12 +53,12 @@ class QuantParams:
     sigmas: QuantSigmas
     embed_hessian: str  # tied embedding: per_row (head and lookup parts, V x D x D) | shared (the head input's D x D)
     calibration: str  # train (the train shards' first tokens) | self_generated (sampled from the float model)
-    temperature: float  # self_generated: sampling temperature
-    calib_seqs: int  # calibration sequences (never validation)
-    seq_len: int  # tokens per calibration sequence
-    damp: float  # Hessian damping, a fraction of its mean diagonal
+    temperature: Annotated[float, Range(gt=0)]  # self_generated: sampling temperature
+    calib_seqs: Annotated[int, Range(ge=1)]  # calibration sequences (never validation)
+    seq_len: Annotated[int, Range(ge=1)]  # tokens per calibration sequence
+    damp: Annotated[float, Range(ge=0, lt=1)]  # Hessian damping, a fraction of its mean diagonal
     act_order: bool  # quantize columns in order of decreasing Hessian diagonal
-    block_size: int  # columns per lazy GPTQ update block
+    block_size: Annotated[int, Range(ge=1)]  # columns per lazy GPTQ update block
     lqer: LqerParams
 
     def __post_init__(self) -> None:
@@ -69,12 +66,6 @@ class QuantParams:
                              ("calibration", ("train", "self_generated"))):
             if getattr(self, key) not in allowed:
                 raise InputError(f"params.yaml: quant.{key} is {getattr(self, key)!r}; use {' or '.join(allowed)}")
-        if self.calib_seqs < 1 or self.seq_len < 1 or self.block_size < 1:
-            raise InputError("params.yaml: quant.calib_seqs, quant.seq_len and quant.block_size must be positive")
-        if not 0 <= self.damp < 1:
-            raise InputError("params.yaml: quant.damp must be in [0, 1)")
-        if not self.temperature > 0:
-            raise InputError("params.yaml: quant.temperature must be positive")
 
     def sigmas_for(self, cls: str) -> float | None:
         """The SD clip's k for a tensor class; None means the clip search."""

@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +23,8 @@ import torch.nn.functional as F
 
 from pgolf.errors import InputError
 from pgolf.bpb import bits_per_byte
+from pgolf.files import check_finite
+from pgolf.params import Range
 from pgolf.runtime import Dist, autocast
 from pgolf.model import GPT
 from pgolf.progress import Progress
@@ -31,21 +34,22 @@ from pgolf.windows import Windows, doc_of, doc_starts
 
 @dataclasses.dataclass(frozen=True)
 class EvalParams:
-    seq_len: int  # scoring window length (context + scored tokens)
+    seq_len: Annotated[int, Range(ge=1)]  # scoring window length (context + scored tokens)
     stride: int  # each window scores its last `stride` targets; stride == seq_len: non-overlapping windows
-    batch: int  # windows per forward pass
+    batch: Annotated[int, Range(ge=1)]  # windows per forward pass
     doc_isolated: bool  # a window never reaches back past its document's BOS
-    tilt_order: int = 0  # the token tilt's hint: the most frequent follower of the last N tokens so far; 0 = no tilt
-    tilt_threshold: int = 2  # ... once it has followed them this many times
-    tilt_boost: float = 1.0  # β: the hint's probability is raised by e^β, then renormalised
+    # The token tilt's hint: the most frequent follower of the last N tokens so far; 0 = no tilt. Its table keeps a
+    # tuple of N tokens per distinct context, up to one per target: N is bounded as cache.max_order is.
+    tilt_order: Annotated[int, Range(ge=0, le=16)] = 0
+    tilt_threshold: Annotated[int, Range(ge=1)] = 2  # ... once it has followed them this many times
+    # β: the hint's probability is raised by e^β, then renormalised. In float32, below about -17 the normaliser
+    # 1 + p(h)(e^β - 1) rounds to 0 where the model is sure of the hint, and above 88 e^β overflows: the records
+    # would be NaN. ±16 multiplies the hint's odds by up to 9 million, far past any useful tilt.
+    tilt_boost: Annotated[float, Range(ge=-16, le=16)] = 1.0
 
     def __post_init__(self) -> None:
-        if self.seq_len < 1 or self.batch < 1:
-            raise InputError("params.yaml: eval.seq_len and eval.batch must be positive")
         if not 1 <= self.stride <= self.seq_len:
             raise InputError(f"params.yaml: eval.stride is {self.stride}; it must be 1..eval.seq_len ({self.seq_len})")
-        if self.tilt_order < 0 or self.tilt_threshold < 1:
-            raise InputError("params.yaml: eval.tilt_order must be >= 0 and eval.tilt_threshold >= 1")
 
     def tilt(self, tokens: np.ndarray) -> Tilt | None:
         """The token tilt of this stream (None when eval.tilt_order is 0)."""
@@ -203,7 +207,9 @@ def write_records(
     """Score every window, streaming the records to `path` (None: nowhere) on rank 0; the totals there.
 
     Every process calls it; the others compute their batches, hand them over and return None. `scores`
-    replaces pass 1's batches with another scorer's (i, j, [2, targets]) in window order (adaptation).
+    replaces pass 1's batches with another scorer's (i, j, [2, targets]) in window order (adaptation). A NaN
+    or infinite NLL or entropy is a StageError naming `path` and its position: write inside `staged`, and the
+    last good records stay.
     """
     stream = score_stream(model, tokens, w, batch, d, tilt) if scores is None else scores
     if not d.main:
@@ -217,6 +223,7 @@ def write_records(
     groups = RowGroups(writer)
     for i, j, scores in stream:
         columns = records(tokens, w, i, j, scores, nbytes, starts)
+        check_finite(path or "records", columns[0], nll=columns[4], entropy=columns[5])
         nll += float(np.sum(scores[0], dtype=np.float64))
         n_bytes += int(np.sum(columns[-1], dtype=np.int64))
         n_tokens += len(columns[0])

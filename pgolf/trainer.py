@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Annotated, Callable
 
 import torch
 import torch.distributed as dist
@@ -25,30 +25,31 @@ from pgolf.layout import IMPORTS
 from pgolf.loader import TrainLoader
 from pgolf.model import GPT, ModelParams
 from pgolf.muon import NS_COEFFICIENTS, Muon
+from pgolf.params import Range
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainParams:
-    seq_len: int
+    seq_len: Annotated[int, Range(ge=1)]
     batch_tokens: int  # tokens per optimizer step, over all processes
-    grad_accum: int  # micro-batches per step over all processes (each process runs grad_accum / world)
-    iterations: int  # stop after this many steps ...
-    max_seconds: float  # ... or this much training time, whichever comes first (0 = no limit)
+    grad_accum: Annotated[int, Range(ge=1)]  # micro-batches per step over all processes (each process runs grad_accum / world)
+    iterations: Annotated[int, Range(ge=1)]  # stop after this many steps ...
+    max_seconds: Annotated[float, Range(ge=0)]  # ... or this much training time, whichever comes first (0 = no limit)
     warmdown_iters: int  # linear LR decay to 0 over the last N steps (of the time budget, if one is set)
     warmup_steps: int  # steps run and then undone before timing starts (primes torch.compile)
-    embed_lr: float  # untied input embedding (Adam)
-    head_lr: float  # untied output head (Adam)
-    tied_embed_lr: float  # tied embedding (Adam)
-    matrix_lr: float  # block matrices (Muon)
-    scalar_lr: float  # vectors and control tensors (Adam)
-    muon_momentum: float
+    embed_lr: Annotated[float, Range(ge=0)]  # untied input embedding (Adam)
+    head_lr: Annotated[float, Range(ge=0)]  # untied output head (Adam)
+    tied_embed_lr: Annotated[float, Range(ge=0)]  # tied embedding (Adam)
+    matrix_lr: Annotated[float, Range(ge=0)]  # block matrices (Muon)
+    scalar_lr: Annotated[float, Range(ge=0)]  # vectors and control tensors (Adam)
+    muon_momentum: Annotated[float, Range(ge=0, lt=1)]
     muon_backend_steps: int  # Newton-Schulz iterations
-    muon_momentum_warmup_start: float
+    muon_momentum_warmup_start: Annotated[float, Range(ge=0, lt=1)]
     muon_momentum_warmup_steps: int
-    beta1: float
-    beta2: float
-    adam_eps: float
-    grad_clip_norm: float  # 0 = off
+    beta1: Annotated[float, Range(ge=0, lt=1)]
+    beta2: Annotated[float, Range(ge=0, lt=1)]
+    adam_eps: Annotated[float, Range(gt=0)]
+    grad_clip_norm: Annotated[float, Range(ge=0)]  # 0 = off
     val_tokens: int  # score the first N validation tokens after training (0 = all)
     val_batch_seqs: int  # sequences per evaluation batch on each process
     log_every: int  # steps between progress lines
@@ -59,33 +60,24 @@ class TrainParams:
     # The records' recipe (PR #1394 -> #1855; docs/training.md); each default keeps the baseline.
     muon_ns: str = "quintic"  # quintic | polar_express: the Newton-Schulz coefficients
     muon_row_normalize: bool = False  # unit-norm rows of the momentum update before orthogonalising (MuonEq-R)
-    muon_wd: float = 0.0  # decoupled weight decay of the block matrices
-    embed_wd: float = 0.0  # ... of the embedding (AdamW)
-    adam_wd: float = 0.0  # ... of the control tensors (AdamW)
-    warmdown_frac: float = 0.0  # > 0: the warm-down is this last fraction of training (replaces warmdown_iters)
-    min_lr: float = 0.0  # the warm-down's floor, a fraction of each learning rate
-    loop_at: float = 0.0  # depth recurrence (model.loops) runs from this fraction of training on
-    ema_decay: float = 0.0  # > 0: the checkpoint holds an exponential moving average of the weights
+    muon_wd: Annotated[float, Range(ge=0)] = 0.0  # decoupled weight decay of the block matrices
+    embed_wd: Annotated[float, Range(ge=0)] = 0.0  # ... of the embedding (AdamW)
+    adam_wd: Annotated[float, Range(ge=0)] = 0.0  # ... of the control tensors (AdamW)
+    warmdown_frac: Annotated[float, Range(ge=0, le=1)] = 0.0  # > 0: the warm-down is this last fraction of training (replaces warmdown_iters)
+    min_lr: Annotated[float, Range(ge=0, le=1)] = 0.0  # the warm-down's floor, a fraction of each learning rate
+    loop_at: Annotated[float, Range(ge=0, le=1)] = 0.0  # depth recurrence (model.loops) runs from this fraction of training on
+    ema_decay: Annotated[float, Range(ge=0, lt=1)] = 0.0  # > 0: the checkpoint holds an exponential moving average of the weights
     order: str = "sequential"  # sequential (the official loader) | shuffled (the records' seeded sequence order)
-    hessian_reserve_seconds: float = 0.0  # of max_seconds, left for calibration's Hessians on training data
+    hessian_reserve_seconds: Annotated[float, Range(ge=0)] = 0.0  # of max_seconds, left for calibration's Hessians on training data
 
     def __post_init__(self) -> None:
-        if self.seq_len < 1 or self.grad_accum < 1 or self.iterations < 1:
-            raise InputError("params.yaml: train.seq_len, train.grad_accum and train.iterations must be positive")
         if self.batch_tokens % (self.grad_accum * self.seq_len):
             raise InputError(
                 f"params.yaml: train.batch_tokens ({self.batch_tokens}) must be a multiple of "
                 f"train.grad_accum * train.seq_len ({self.grad_accum} * {self.seq_len})"
             )
-        if self.max_seconds < 0:
-            raise InputError("params.yaml: train.max_seconds must be 0 (no limit) or positive")
-        if self.hessian_reserve_seconds < 0 or (self.max_seconds > 0 and self.hessian_reserve_seconds >= self.max_seconds):
-            raise InputError("params.yaml: train.hessian_reserve_seconds must be >= 0 and below train.max_seconds")
-        for key in ("warmdown_frac", "min_lr", "loop_at"):
-            if not 0 <= getattr(self, key) <= 1:
-                raise InputError(f"params.yaml: train.{key} is {getattr(self, key)}; use a fraction in [0, 1]")
-        if not 0 <= self.ema_decay < 1:
-            raise InputError(f"params.yaml: train.ema_decay is {self.ema_decay}; use [0, 1) (0 = no average)")
+        if self.max_seconds > 0 and self.hessian_reserve_seconds >= self.max_seconds:
+            raise InputError("params.yaml: train.hessian_reserve_seconds must be below train.max_seconds")
         if self.muon_ns not in NS_COEFFICIENTS:
             raise InputError(f"params.yaml: train.muon_ns is {self.muon_ns!r}; use {' | '.join(NS_COEFFICIENTS)}")
         if self.order not in ("sequential", "shuffled"):

@@ -29,14 +29,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Iterator
+from typing import Annotated
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pgolf.errors import InputError
-from pgolf.lora import TARGETS, DocLoRA
+from pgolf.lora import TARGETS, DocLoRA, adapter_params
 from pgolf.model import GPT
+from pgolf.params import Range
 from pgolf.runtime import autocast
 from pgolf.score import EvalParams, keep, log_probs, nll_and_entropy, score_batch
 from pgolf.tilt import Tilt
@@ -47,39 +49,32 @@ METHODS = ("none", "chunk_sgd", "doc_lora", "phased")
 
 @dataclasses.dataclass(frozen=True)
 class TTTParams:
+    # lora_rank and lora_docs are bounded by what their state costs: see budget().
     method: str  # none (the records are pass 1's) | chunk_sgd | doc_lora | phased
-    chunk_tokens: int  # chunk_sgd and the global phases: targets per chunk (PR #549: 32,768)
-    epochs: int  # passes over each chunk after it is scored
-    lr: float  # SGD learning rate of the first chunk; cosine-decayed to 0 over the chunks
-    momentum: float
-    grad_clip: float  # max gradient norm; 0 = none
-    blocks: int  # train the last N blocks only; 0 = every parameter
-    batch_seqs: int  # training sequences of eval.seq_len per step
-    lora_rank: int = 8  # doc_lora, phased (#1855: 80 at dim 512)
-    lora_alpha: float = 144.0  # adapters are scaled by alpha / rank
+    chunk_tokens: Annotated[int, Range(ge=1)]  # chunk_sgd and the global phases: targets per chunk (PR #549: 32,768)
+    epochs: Annotated[int, Range(ge=0)]  # passes over each chunk after it is scored
+    lr: Annotated[float, Range(ge=0)]  # SGD learning rate of the first chunk; cosine-decayed to 0 over the chunks
+    momentum: Annotated[float, Range(ge=0, lt=1)]
+    grad_clip: Annotated[float, Range(ge=0)]  # max gradient norm; 0 = none
+    blocks: Annotated[int, Range(ge=0)]  # train the last N blocks only; 0 = every parameter
+    batch_seqs: Annotated[int, Range(ge=1)]  # training sequences of eval.seq_len per step
+    lora_rank: Annotated[int, Range(ge=1)] = 8  # doc_lora, phased (#1855: 80 at dim 512)
+    lora_alpha: Annotated[float, Range(gt=0)] = 144.0  # adapters are scaled by alpha / rank
     lora_targets: str = "q k v o mlp head"  # which of q k v o mlp head get adapters
-    lora_chunk: int = 48  # targets scored before each adapter step
-    lora_lr: float = 1e-4  # AdamW
-    lora_beta1: float = 0.0
-    lora_beta2: float = 0.99
-    lora_wd: float = 0.5
-    lora_docs: int = 64  # documents per batch
-    phases: int = 3  # phased: global phases ...
-    phase_docs: int = 2500  # ... spread over the first this many documents
+    lora_chunk: Annotated[int, Range(ge=1)] = 48  # targets scored before each adapter step
+    lora_lr: Annotated[float, Range(ge=0)] = 1e-4  # AdamW
+    lora_beta1: Annotated[float, Range(ge=0, lt=1)] = 0.0
+    lora_beta2: Annotated[float, Range(ge=0, lt=1)] = 0.99
+    lora_wd: Annotated[float, Range(ge=0)] = 0.5
+    lora_docs: Annotated[int, Range(ge=1)] = 64  # documents per batch
+    phases: Annotated[int, Range(ge=0)] = 3  # phased: global phases ...
+    phase_docs: Annotated[int, Range(ge=0)] = 2500  # ... spread over the first this many documents
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise InputError(f"params.yaml: ttt.method is {self.method!r}; use {' or '.join(METHODS)}")
-        if self.chunk_tokens < 1 or self.epochs < 0 or self.batch_seqs < 1 or self.blocks < 0:
-            raise InputError("params.yaml: ttt.chunk_tokens and ttt.batch_seqs must be positive, ttt.epochs and ttt.blocks >= 0")
-        if self.lr < 0 or not 0 <= self.momentum < 1 or self.grad_clip < 0:
-            raise InputError("params.yaml: ttt.lr and ttt.grad_clip must be >= 0 and ttt.momentum in [0, 1)")
-        if unknown := set(self.targets) - set(TARGETS):
-            raise InputError(f"params.yaml: ttt.lora_targets has {sorted(unknown)[0]!r}; choose from {' '.join(TARGETS)}")
-        if self.lora_rank < 1 or self.lora_chunk < 1 or self.lora_docs < 1 or self.phases < 0 or self.phase_docs < 0 or not self.targets:
-            raise InputError("params.yaml: ttt.lora_rank, lora_chunk, lora_docs and lora_targets must be positive, ttt.phases and phase_docs >= 0")
-        if self.lora_lr < 0 or self.lora_wd < 0 or not (0 <= self.lora_beta1 < 1 and 0 <= self.lora_beta2 < 1):
-            raise InputError("params.yaml: ttt.lora_lr and ttt.lora_wd must be >= 0, ttt.lora_beta1 and lora_beta2 in [0, 1)")
+        if not self.targets or set(self.targets) - set(TARGETS):
+            raise InputError(f"params.yaml: ttt.lora_targets is {self.lora_targets!r}; choose one or more of {' '.join(TARGETS)}")
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -276,10 +271,7 @@ def adapt_documents(model: GPT, tokens: np.ndarray, w: Windows, first: np.ndarra
         inputs[rows] = np.where(at < sub.end[:, None], tokens[np.minimum(at, len(tokens) - 1)], 0)
         flat = np.repeat(rows * width - sub.begin, scored) + positions - 1
         targets = torch.from_numpy(tokens[positions].astype(np.int64)).to(device)
-        with autocast(device):
-            logits = lora.logits(model, torch.from_numpy(inputs).to(device))
-        logits = logits.reshape(-1, logits.size(-1))[torch.from_numpy(flat).to(device)].float()
-        nll = F.cross_entropy(logits, targets, reduction="none")
+        logits, nll = chunk_nll(model, lora, inputs, flat, targets, device)
         with torch.no_grad():
             hint = None if tilt is None else torch.from_numpy(tilt.hints[positions]).to(device)
             logp = log_probs(logits, hint, 0.0 if tilt is None else tilt.boost)
@@ -297,15 +289,94 @@ def adapt_documents(model: GPT, tokens: np.ndarray, w: Windows, first: np.ndarra
     return [np.concatenate(o, axis=1) for o in out]
 
 
+def chunk_nll(model: GPT, lora: DocLoRA, inputs: np.ndarray, flat: np.ndarray, targets: torch.Tensor,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 logits of the scored rows `flat` of inputs [docs, width] under each row's adapters, their NLL
+    with the graph the adapter step backpropagates through)."""
+    with autocast(device):
+        logits = lora.logits(model, torch.from_numpy(inputs).to(device))
+    logits = logits.reshape(-1, logits.size(-1))[torch.from_numpy(flat).to(device)].float()
+    return logits, F.cross_entropy(logits, targets, reduction="none")
+
+
 def adapted_params(model: GPT, tp: TTTParams) -> tuple[int, int]:
-    """(model parameters the method trains, adapter parameters of one document)."""
+    """(model parameters the method trains, adapter parameters of one document), from the shapes alone."""
     full = sum(p.numel() for p in trainable(model, tp.blocks)) if tp.method in ("chunk_sgd", "phased") else 0
-    one = sum(p.numel() for p in DocLoRA(model, 1, tp.lora_rank, tp.lora_alpha, tp.targets).parameters()) if tp.method in ("doc_lora", "phased") else 0
+    one = adapter_params(model, tp.lora_rank, tp.targets) if tp.method in ("doc_lora", "phased") else 0
     return full, one
 
 
-def state_bytes(model: GPT, tp: TTTParams) -> int:
-    """What TTT holds beyond the artifact, float32: trained model parameters with their momentum, and one
-    batch of documents' adapters with AdamW's two moments."""
+def kept_bytes(model: GPT, tp: TTTParams, rank: int, docs: int, seq_len: int, device: torch.device) -> int:
+    """Bytes autograd keeps from a scoring pass of `docs` documents, in windows of seq_len (the widest) with adapters
+    of `rank`, until their adapter step: measured on one forward, as the device and its kernels keep them."""
+    lora = DocLoRA(model, docs, rank, tp.lora_alpha, tp.targets).to(device)
+    own = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *lora.parameters()]}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in own:  # weights are the artifact's and the adapters', counted apart
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    grads = [p.requires_grad for p in model.parameters()]
+    freeze_except(model, [])  # as doc_lora runs: only the adapters train
+    scored = min(tp.lora_chunk, seq_len)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            rows = np.arange(docs)[:, None] * seq_len + np.arange(seq_len - scored, seq_len)
+            chunk_nll(model, lora, np.zeros((docs, seq_len), np.int64), rows.ravel(), torch.zeros(rows.size, dtype=torch.int64, device=device), device)
+    finally:
+        for p, g in zip(model.parameters(), grads):
+            p.requires_grad_(g)
+    return sum(kept.values())
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+
+
+@dataclasses.dataclass(frozen=True)
+class State:
+    """What TTT holds beyond the artifact while it scores, bytes."""
+
+    weights: int  # the trained model parameters and their SGD momentum (chunk_sgd, phased), float32
+    shared: int  # what a scoring pass keeps once however many documents it holds (autocast's weight copies, ...)
+    adapters: int  # one document's adapters and AdamW's two moments (doc_lora, phased), float32
+    activations: int  # what a scoring pass keeps for one document's adapter step
+    docs: int  # documents side by side
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.shared + self.docs * (self.adapters + self.activations)
+
+
+def budget(model: GPT, tp: TTTParams, seq_len: int, max_bytes: int, device: torch.device) -> State:
+    """tp's state on `model` in windows of seq_len, checked against max_bytes (verify.max_state_bytes) before any
+    work: over it, one InputError says what would fit. The model's share and the adapters' are counted from the
+    shapes; the activations are measured on one or two documents at ranks 1 and 2 (they grow linearly with both),
+    so no large adapter is ever allocated."""
     full, one = adapted_params(model, tp)
-    return 2 * 4 * full + 3 * 4 * tp.lora_docs * one
+    weights = 8 * full
+    limit = f"verify.max_state_bytes is {max_bytes:,}"
+    if weights > max_bytes:
+        fits = [k for k in range(len(model.blocks), 0, -1) if 8 * sum(p.numel() for p in trainable(model, k)) <= max_bytes]
+        advice = f"at most the last {fits[0]} blocks fit (ttt.blocks {fits[0]})" if fits else "not even the last block fits"
+        raise InputError(f"params.yaml: ttt.method {tp.method} trains {full:,} model parameters, {_size(weights)} with their momentum; {limit}: {advice}")
+    if not one:
+        return State(weights, 0, 0, 0, 0)
+    per_rank = 12 * one // tp.lora_rank  # a float32 adapter parameter and AdamW's two moments
+    kept = kept_bytes(model, tp, 1, 1, seq_len, device)
+    doc1 = kept_bytes(model, tp, 1, 2, seq_len, device) - kept  # one more document, at rank 1
+    slope = kept_bytes(model, tp, 2, 1, seq_len, device) - kept  # one more rank, of one document
+    state = State(weights, kept - doc1, per_rank * tp.lora_rank, doc1 + (tp.lora_rank - 1) * slope, tp.lora_docs)
+    one_doc = weights + state.shared + state.adapters + state.activations
+    if one_doc > max_bytes:
+        rank = (max_bytes - weights - state.shared - doc1 + slope) // (per_rank + slope)
+        advice = f"at most rank {rank} fits, one document at a time" if rank >= 1 else f"not even rank 1 fits at eval.seq_len {seq_len}"
+        raise InputError(f"params.yaml: ttt.lora_rank {tp.lora_rank} needs {_size(one_doc)} of adapter state for one document "
+                         f"(adapters, AdamW's moments, activations of {seq_len} tokens); {limit}: {advice}")
+    if state.total > max_bytes:
+        docs = (max_bytes - weights - state.shared) // (state.adapters + state.activations)
+        raise InputError(f"params.yaml: ttt.lora_docs {tp.lora_docs} needs {_size(state.total)} of adapter state "
+                         f"({_size(state.adapters + state.activations)} a document); {limit}: at most {docs} documents side by side fit")
+    return state

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from pgolf import cache, params, shards
 from pgolf.bpb import bits_per_byte
 from pgolf.errors import InputError
-from pgolf.files import staged, write_json
+from pgolf.files import check_finite, staged, write_json
 from pgolf.layout import ADAPTED, DETAILS, METRICS, RESCORES, SCORES, SHARDS
 from pgolf.cache import CacheParams
 from pgolf.stage import run_stage
@@ -43,6 +43,7 @@ def main() -> None:
     if not np.array_equal(rec.column("target").to_numpy(), tokens[1:]) or vocab <= int(tokens.max()):
         raise InputError(f"{source}: the records' targets or vocab_size do not match the validation shards in {SHARDS}")
     nll = rec.column("nll").to_numpy().astype(np.float64)
+    check_finite(source, position, nll=nll, entropy=rec.column("entropy").to_numpy())
     n_bytes = int(rec.column("bytes").to_numpy().sum(dtype=np.int64))
     t = time.perf_counter()
     out = cache.rescore(tokens, np.exp(-nll), rec.column("entropy").to_numpy(), vocab, cp)
@@ -64,6 +65,7 @@ def main() -> None:
         "mean_lam": round(float(out.lam.mean()), 6),
     }
     with staged(RESCORES, METRICS / "rescore.json", DETAILS / "rescore.json") as (path, rescore_json, details_json):
+        check_finite(path, position, prob=out.prob, nll=out.nll)
         columns = [position, out.prob, out.nll, out.lam, out.ngram_prob, out.order]
         pq.write_table(pa.Table.from_arrays(columns, schema=SCHEMA), path, compression="zstd", row_group_size=1 << 20)
         write_json(rescore_json, headline)

@@ -110,6 +110,22 @@ def test_a_state_dict_that_does_not_fit_is_refused_naming_the_tensor(tmp_path, d
     assert (tmp_path / "out.safetensors").read_bytes() == b"the last good checkpoint"  # nothing written over it
 
 
+def test_an_output_that_is_a_folder_or_under_a_file_is_refused_before_the_weights_are_read(tmp_path):
+    """`convert SRC imports` once replaced imports/ and all it held with the checkpoint."""
+    (tmp_path / "imports").mkdir()
+    (tmp_path / "imports" / "final_model.pt").write_bytes(b"the record's weights")
+    result = subprocess.run([sys.executable, "-m", "pgolf.convert", "absent.pt", str(tmp_path / "imports"), "--params", "params.yaml"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"error: {tmp_path / 'imports'} is a folder; a file output never replaces a folder")
+    assert (tmp_path / "imports" / "final_model.pt").read_bytes() == b"the record's weights"
+    (tmp_path / "notes").write_text("a file")
+    with pytest.raises(InputError, match=f"{tmp_path / 'notes'} is not a folder"):
+        convert.convert(tmp_path / "absent.pt", tmp_path / "notes" / "out.safetensors", small("1855"))
+    assert (tmp_path / "notes").read_text() == "a file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imports", "notes"]
+
+
 def test_files_that_are_not_state_dicts_are_refused(tmp_path):
     class Evil:
         def __reduce__(self):
@@ -136,7 +152,7 @@ def test_the_dvc_way_imports_instead_of_training(tmp_path, fineweb):
     p["train"]["import_from"] = "imports/final_model.pt"
     p["quant"].update(calib_seqs=8, seq_len=32)
     p["eval"].update(seq_len=32, stride=16, doc_isolated=True)
-    p["verify"].update(positions=8, audit_tokens=2000)
+    p["verify"].update(positions=8)
     run_stages(root, p, "tokenize", "train", "calibrate", "pack", "score", "adapt", "rescore", "report")
 
     train = json.loads((root / "metrics/train.json").read_text())

@@ -1,4 +1,8 @@
+import re
+from typing import Annotated
+
 import pytest
+import yaml
 
 from pgolf import params
 from pgolf.errors import InputError
@@ -65,3 +69,64 @@ def test_numbers_yaml_reads_as_strings_are_numbers(tmp_path):
     p["train"]["iterations"] = "lots"
     with pytest.raises(InputError, match=r"train\.iterations is 'lots'; expected int"):
         params.section(p, "train", TrainParams)
+
+
+def _section_of(key: str):
+    from pgolf.cache import CacheParams
+    from pgolf.score import EvalParams
+    from pgolf.trainer import TrainParams
+    from pgolf.ttt import TTTParams
+
+    return {"eval": EvalParams, "ttt": TTTParams, "cache": CacheParams, "train": TrainParams}[key.split(".")[0]]
+
+
+@pytest.mark.parametrize("key, text, expected", [
+    ("eval.tilt_boost", ".nan", "a finite float in [-16, 16]"),
+    ("eval.tilt_boost", ".inf", "a finite float in [-16, 16]"),
+    ("eval.tilt_boost", "-.inf", "a finite float in [-16, 16]"),
+    ("ttt.lora_lr", ".nan", "a finite float >= 0"),
+    ("ttt.lora_alpha", ".nan", "a finite float > 0"),
+    ("ttt.lora_wd", ".nan", "a finite float >= 0"),
+    ("ttt.lr", ".nan", "a finite float >= 0"),
+    ("ttt.grad_clip", ".nan", "a finite float >= 0"),
+    ("train.adam_eps", ".inf", "a finite float > 0"),
+])
+def test_a_float_that_is_not_finite_is_refused_naming_the_key(key, text, expected):
+    """YAML's .nan and .inf are floats; no param means them, and the message says what would do."""
+    p = default_params()
+    section, name = key.split(".")
+    p[section][name] = yaml.safe_load(f"v: {text}")["v"]
+    shown = {".nan": "nan", ".inf": "inf", "-.inf": "-inf"}[text]
+    with pytest.raises(InputError, match=re.escape(f"params.yaml: {key} is {shown}; expected {expected}")):
+        params.section(p, section, _section_of(key))
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("ttt.momentum", 1.0, "a finite float in [0, 1)"),
+    ("ttt.lora_rank", 0, "int >= 1"),
+    ("eval.tilt_boost", 17.0, "a finite float in [-16, 16]"),
+    ("eval.tilt_order", 17, "int in [0, 16]"),
+    ("cache.lam", 1.5, "a finite float in [0, 1]"),
+    ("cache.prior", 0, "a finite float > 0"),
+    ("train.ema_decay", 1.0, "a finite float in [0, 1)"),
+])
+def test_ranges_declared_beside_the_fields_are_enforced(key, value, expected):
+    p = default_params()
+    section, name = key.split(".")
+    p[section][name] = value
+    with pytest.raises(InputError, match=re.escape(f"params.yaml: {key} is {value!r}; expected {expected}")):
+        params.section(p, section, _section_of(key))
+    p[section][name] = str(value)  # a number YAML read as a string is the number, bounds and all
+    with pytest.raises(InputError, match=re.escape(f"{key} is '{value}'")):
+        params.section(p, section, _section_of(key))
+
+
+def test_a_key_of_another_section_is_read_checked():
+    p = default_params()
+    kind = Annotated[int, params.Range(ge=1)]
+    assert params.scalar(p, "verify.max_state_bytes", kind) == 33554432
+    p["verify"]["max_state_bytes"] = 0
+    with pytest.raises(InputError, match=re.escape("params.yaml: verify.max_state_bytes is 0; expected int >= 1")):
+        params.scalar(p, "verify.max_state_bytes", kind)
+    with pytest.raises(InputError, match="section 'verify' is missing"):
+        params.scalar({}, "verify.max_state_bytes", kind)

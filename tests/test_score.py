@@ -15,6 +15,7 @@ from pgolf.runtime import CPU
 from pgolf.validation import evaluate
 from pgolf.model import GPT, ModelParams
 from pgolf.quantize import QuantBits, QuantParams
+from pgolf.errors import InputError, StageError
 from pgolf.score import EvalParams, score_reference, score_stream, write_records
 
 BOS = 1
@@ -152,8 +153,24 @@ def test_eval_params_are_checked():
     with pytest.raises(Exception, match="eval.stride"):
         EvalParams(seq_len=16, stride=17, batch=1, doc_isolated=False)
     assert EvalParams(seq_len=16, stride=16, batch=1, doc_isolated=True).mode == "non-overlapping-doc-isolated"
-    with pytest.raises(Exception, match="eval.tilt_order"):
-        EvalParams(seq_len=16, stride=16, batch=1, doc_isolated=False, tilt_order=-1)
+    p = default_params()
+    p["eval"]["tilt_order"] = -1
+    with pytest.raises(InputError, match="eval.tilt_order is -1"):
+        params.section(p, "eval", EvalParams)
+
+
+def test_a_non_finite_record_stops_the_writer_naming_its_position(tmp_path):
+    model, tokens = small_model(), stream(40)
+    plan = windows.plan(tokens, 16, 16)
+
+    def scores():
+        for i, j, s in score_stream(model, tokens, plan, 1, CPU):
+            if i == 1:
+                s[0, 5] = np.nan  # window 1 scores targets 17..32: position 22
+            yield i, j, s
+
+    with pytest.raises(StageError, match=r"r\.parquet: the record of position 22 has nll nan; records must be finite"):
+        write_records(model, tokens, plan, 1, position_bytes(tokens, tables()), BOS, CPU, tmp_path / "r.parquet", scores=scores())
 
 
 # The stage, from a packed artifact and real validation tokens.
@@ -204,6 +221,20 @@ def test_two_processes_write_the_same_records(packed, tmp_path):
     assert result.returncode == 0, result.stderr
     assert json.loads((root / "metrics/score.json").read_text())["processes"] == 2
     assert pq.read_table(root / "eval/score.parquet").equals(one)
+
+
+def test_a_tilt_boost_that_is_not_finite_stops_the_stage_and_keeps_the_last_records(packed):
+    """eval.tilt_boost .nan once replaced the last good records with NaN, and metrics/score.json held NaN."""
+    root, p = packed
+    if not (root / "eval/score.parquet").is_file():
+        assert run_stage("score", root, p).returncode == 0
+    before = {f: (root / f).read_bytes() for f in ("eval/score.parquet", "metrics/score.json")}
+    bad = json.loads(json.dumps(p))
+    bad["eval"].update(tilt_order=2, tilt_boost=math.nan)
+    result = run_stage("score", root, bad)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: params.yaml: eval.tilt_boost is nan; expected a finite float in [-16, 16]")
+    assert {f: (root / f).read_bytes() for f in before} == before
 
 
 def test_bad_input_names_the_file_or_key(packed):
