@@ -18,8 +18,18 @@ The records count a token's bytes from its surface in the text before SentencePi
 (nmt_nfkc); pgolf counts the text the tokens decode to, as the challenge's byte tables do for any
 tokenizer. The two differ only where normalisation changes a character's length (1 of the 650 shared
 FineWeb documents: "º" becomes "o"); the report's bytes_are_utf8 holds pgolf's count to the decoded text.
+
+The tokenizer normalises text after the transform, so what its tokens decode to can be no CaseOps text:
+NFKC writes unmarked capitals (™ -> "TM", 𝕏, fullwidth letters, Ⅻ), letters beside an operator ("ｃAB" ->
+"c" ALLCAPS "ab") and composes a lowered capital with the combining accent after it (TITLE "e" U+0301 ->
+TITLE "é"). `decode(text, normalised=True)` inverts such text to the original as the tokenizer normalises
+it, up to that normalisation; where normalisation merged two originals it cannot tell them apart ("ABｃ"
+and "ABC" both become ALLCAPS "abc", "ABé" and "ABE" U+0301 both ALLCAPS "abé": the literal reading wins).
 """
 from __future__ import annotations
+
+import unicodedata
+from collections.abc import Callable
 
 import numpy as np
 import sentencepiece as spm
@@ -64,10 +74,19 @@ def encode(text: str) -> str:
     return "".join(out)
 
 
-def decode(text: str) -> str:
-    """The original of transformed text; CaseOpsError where no original encodes to it."""
+def _composed(ch: str) -> str | None:
+    """The ASCII letter a character composes on (é -> e; only combining marks after it), else None: what NFKC
+    makes of a lowered letter and the accent after it."""
+    parts = unicodedata.normalize("NFD", ch)
+    return parts[0] if len(parts) > 1 and _letter(parts[0]) and all(unicodedata.combining(c) for c in parts[1:]) else None
+
+
+def decode(text: str, normalised: bool = False) -> str:
+    """The original of transformed text; CaseOpsError where no original encodes to it. normalised: the text as a
+    tokenizer's NFKC normalisation left it (see above), inverted to the original as that normalisation leaves
+    it; strict decoding refuses what only normalisation writes, as the records' decoder does."""
     out: list[str] = []
-    escaped, mode, capnext, in_word, allcaps = False, None, False, False, False
+    escaped, mode, capnext, in_word, allcaps, letters = False, None, False, False, False, 0
     for ch in text:
         if escaped:  # a literal character; an operator pending before it has no letter to apply to
             if mode is not None and not _letter(ch):
@@ -79,9 +98,9 @@ def decode(text: str) -> str:
         if ch == ESC:
             escaped = True
         elif ch in (TITLE, ALLCAPS):
-            if mode is not None or in_word or capnext:
+            if mode is not None or capnext or (in_word and not normalised):  # normalised: NFKC made the letter before it
                 raise CaseOpsError("a word operator inside a word or after another operator")
-            mode = ch
+            mode, in_word = ch, False
         elif ch == CAPNEXT:
             if capnext:
                 raise CaseOpsError("two CAPNEXT in a row")
@@ -90,12 +109,17 @@ def decode(text: str) -> str:
             if not in_word:
                 allcaps = mode == ALLCAPS
                 out.append(ch.upper() if mode is not None or capnext else ch)
-                mode, capnext, in_word = None, False, True
+                mode, capnext, in_word, letters = None, False, True, 1
             else:
                 if mode is not None:
                     raise CaseOpsError("a word operator inside a word")
                 out.append(ch.upper() if allcaps or capnext else ch)
-                capnext = False
+                capnext, letters = False, letters + 1
+        elif normalised and (mode is not None or capnext or (allcaps and letters == 1)) and (base := _composed(ch)):
+            # A capital and its accent, composed after the transform lowered it: the operator's letter (or an
+            # ALLCAPS word's second: the transform writes none of one letter). The accent ended the word.
+            out.append(unicodedata.normalize("NFC", base.upper() + unicodedata.normalize("NFD", ch)[1:]))
+            mode, capnext, in_word, allcaps = None, False, False, False
         else:
             if mode is not None or capnext:
                 raise CaseOpsError("an operator not followed by a letter")
@@ -104,6 +128,11 @@ def decode(text: str) -> str:
     if escaped or mode is not None or capnext:
         raise CaseOpsError("an operator at the end of the text")
     return "".join(out)
+
+
+def normalizer(sp: spm.SentencePieceProcessor) -> Callable[[str], str]:
+    """The tokenizer's own normalisation (nmt_nfkc, whitespace folded) as text: what its tokens can decode to."""
+    return lambda text: sp.normalize(text).replace("\u2581", " ")
 
 
 def operator_ids(sp: spm.SentencePieceProcessor, model: str) -> np.ndarray:

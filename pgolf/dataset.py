@@ -63,8 +63,9 @@ class _Split:
         self.docs = self.tokens = self.bytes = 0
         self.shards: list[dict] = []
 
-    def record(self, lengths: np.ndarray, nbytes: np.ndarray, hashes: np.ndarray) -> None:
-        self.index.add(self.name, lengths, nbytes, hashes)
+    def record(self, lengths: np.ndarray, nbytes: np.ndarray, hashes: np.ndarray,
+               norm_hashes: np.ndarray | None = None, normalised: np.ndarray | None = None) -> None:
+        self.index.add(self.name, lengths, nbytes, hashes, norm_hashes, normalised)
         self.docs += len(lengths)
         self.tokens += int(lengths.sum())
         self.bytes += int(nbytes.sum())
@@ -99,7 +100,7 @@ def export_docs(
             for name, part in (("val", val), ("train", train)):
                 if len(part.lengths):
                     writers[name].add(part.tokens)
-                    splits[name].record(part.lengths, part.nbytes, part.hashes)
+                    splits[name].record(part.lengths, part.nbytes, part.hashes, part.norm_hashes, part.normalised)
             if val.sidecar is not None and len(val.lengths):
                 writers[shards.SIDECAR].add(val.sidecar)  # the same counts as val's tokens: the same shard edges
             if splits["train"].docs:

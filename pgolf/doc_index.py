@@ -1,6 +1,9 @@
-"""The document index, data/docs.parquet: per document its split, index, tokens, bytes and hash.
+"""The document index, data/docs.parquet: per document its split, index, tokens, bytes and hash, and with the
+CaseOps transform on documents read as text, norm_hash and normalised (null where there is no text: imported
+shards; an index written before them has no such columns).
 
-The report stage compares train and validation hashes to prove the splits are disjoint.
+The report stage compares train and validation hashes to prove the splits are disjoint, and each decoded
+validation document's inverse with its norm_hash (transform_inverts).
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ SCHEMA = pa.schema(
         ("tokens", pa.int64()),  # including BOS
         ("bytes", pa.int64()),  # BPB bytes of its targets (what the challenge divides by)
         ("hash", pa.uint64()),
+        ("norm_hash", pa.uint64()),  # pgolf.doc_records.hash_text of the original as the tokenizer normalises it; null: no text
+        ("normalised", pa.bool_()),  # that normalisation changed the original; null: no text
     ]
 )
 ROW_GROUP = 1 << 16
@@ -32,7 +37,8 @@ class DocIndexWriter:
         self.rows = 0
         self.counts = {}
 
-    def add(self, split: str, tokens: np.ndarray, nbytes: np.ndarray, hashes: np.ndarray) -> None:
+    def add(self, split: str, tokens: np.ndarray, nbytes: np.ndarray, hashes: np.ndarray,
+            norm_hashes: np.ndarray | None = None, normalised: np.ndarray | None = None) -> None:
         first = self.counts.get(split, 0)
         self.counts[split] = first + len(tokens)
         self.pending.append(
@@ -43,6 +49,8 @@ class DocIndexWriter:
                     pa.array(np.asarray(tokens, dtype=np.int64)),
                     pa.array(np.asarray(nbytes, dtype=np.int64)),
                     pa.array(np.asarray(hashes, dtype=np.uint64)),
+                    pa.nulls(len(tokens), pa.uint64()) if norm_hashes is None else pa.array(np.asarray(norm_hashes, dtype=np.uint64)),
+                    pa.nulls(len(tokens), pa.bool_()) if normalised is None else pa.array(np.asarray(normalised, dtype=bool)),
                 ],
                 schema=SCHEMA,
             )

@@ -2,6 +2,7 @@
 
 The hash is the first 8 bytes (little-endian uint64) of BLAKE2b over the document's tokens
 ([BOS] + ids) as little-endian uint16, so it can be computed from any shard, whoever wrote it.
+hash_text hashes text the same way, over its UTF-8 bytes (the CaseOps originals' norm_hash).
 """
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ import numpy as np
 def hash_doc(tokens: np.ndarray) -> int:
     digest = hashlib.blake2b(np.ascontiguousarray(tokens, dtype="<u2").tobytes(), digest_size=8).digest()
     return int.from_bytes(digest, "little")
+
+
+def hash_text(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
 
 
 def doc_records(tokens: np.ndarray, starts: np.ndarray, per_position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

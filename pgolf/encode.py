@@ -3,7 +3,8 @@
 Each batch of texts becomes one `Encoded`: the concatenated tokens plus each document's length,
 BPB byte count and hash (pgolf.doc_index), all computed in the worker so the parent only writes.
 With the CaseOps transform each text is transformed first, and every token also gets the bytes of the
-original text it stands for (the validation byte sidecar).
+original text it stands for (the validation byte sidecar), and each document the hash of its original text as
+the tokenizer normalises it, and whether normalisation changed it (what the report's transform_inverts compares).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import sentencepiece as spm
 
 from pgolf import caseops
 from pgolf.bpb import ByteTables, position_bytes
-from pgolf.doc_records import doc_records
+from pgolf.doc_records import doc_records, hash_text
 
 
 @dataclass
@@ -31,19 +32,26 @@ class Encoded:
     nbytes: np.ndarray  # int64 per document
     hashes: np.ndarray  # uint64 per document
     sidecar: np.ndarray | None = None  # uint16 per token: its original bytes (CaseOps only)
+    norm_hashes: np.ndarray | None = None  # uint64 per document: hash_text of its original as the tokenizer normalises it (CaseOps only)
+    normalised: np.ndarray | None = None  # bool per document: that normalisation changed its original (CaseOps only)
 
     def split(self, k: int) -> tuple["Encoded", "Encoded"]:
         """The first k documents and the rest."""
         at = int(self.lengths[:k].sum())
-        side = (None, None) if self.sidecar is None else (self.sidecar[:at], self.sidecar[at:])
-        head = Encoded(self.tokens[:at], self.lengths[:k], self.nbytes[:k], self.hashes[:k], side[0])
-        tail = Encoded(self.tokens[at:], self.lengths[k:], self.nbytes[k:], self.hashes[k:], side[1])
+        cut = [(None, None) if x is None else (x[:n], x[n:]) for x, n in ((self.sidecar, at), (self.norm_hashes, k), (self.normalised, k))]
+        head = Encoded(self.tokens[:at], self.lengths[:k], self.nbytes[:k], self.hashes[:k], *(c[0] for c in cut))
+        tail = Encoded(self.tokens[at:], self.lengths[k:], self.nbytes[k:], self.hashes[k:], *(c[1] for c in cut))
         return head, tail
 
 
 def encode_batch(sp: spm.SentencePieceProcessor, tables: ByteTables, texts: list[str], ops: np.ndarray | None = None) -> Encoded:
     """`ops`: the CaseOps operator ids (pgolf.caseops.operator_ids) to transform the texts first; None: as they are."""
+    norm_hashes = normalised = None
     if ops is not None:
+        norm = caseops.normalizer(sp)
+        wanted = [norm(text) for text in texts]
+        norm_hashes = np.fromiter(map(hash_text, wanted), dtype=np.uint64, count=len(texts))
+        normalised = np.array([w != text for w, text in zip(wanted, texts)], dtype=bool)
         texts = [caseops.encode(text) for text in texts]
     ids = sp.encode(texts, out_type=int, num_threads=1)  # parallelism comes from worker processes
     lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
@@ -53,7 +61,7 @@ def encode_batch(sp: spm.SentencePieceProcessor, tables: ByteTables, texts: list
     per_position = position_bytes(tokens, tables) if ops is None else caseops.position_bytes(tokens, tables, ops)
     per_position[starts] = 0  # BOS stands for no text
     nbytes, hashes = doc_records(tokens, starts, per_position)
-    return Encoded(tokens, lengths, nbytes, hashes, None if ops is None else per_position.astype(np.uint16))
+    return Encoded(tokens, lengths, nbytes, hashes, None if ops is None else per_position.astype(np.uint16), norm_hashes, normalised)
 
 
 def batched(texts: Iterable[str], max_docs: int = 512, max_chars: int = 1 << 18) -> Iterator[list[str]]:
