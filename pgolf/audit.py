@@ -25,7 +25,6 @@ from pgolf.progress import Progress
 @dataclasses.dataclass(frozen=True)
 class VerifyParams:
     positions: int  # sampled positions whose full distribution is rebuilt and checked
-    audit_tokens: int  # the streaming audits look at the first this many targets (0: all)
     byte_limit: int  # artifact + code
     max_state_bytes: int  # eval-time auxiliary state
     max_overhead: float  # cache seconds over neural scoring seconds
@@ -33,12 +32,13 @@ class VerifyParams:
     max_train_seconds: float = 0.0  # training + Hessian collection on training data (challenge: 600 on 8xH100); 0 = no budget
     max_eval_seconds: float = 0.0  # score + adapt + rescore (challenge: 600 on 8xH100); 0 = no budget
     val_docs: int = 0  # the validation documents the challenge scores (50,000); 0 = no requirement
+    record_batches: int = 16  # pass-1 batches rescored bit for bit: one in each of this many spans of the stream, plus the first and last
 
     def __post_init__(self) -> None:
-        if (self.positions < 1 or self.audit_tokens < 0 or self.byte_limit < 1 or self.max_state_bytes < 1 or self.max_overhead <= 0
+        if (self.positions < 1 or self.record_batches < 1 or self.byte_limit < 1 or self.max_state_bytes < 1 or self.max_overhead <= 0
                 or self.max_train_seconds < 0 or self.max_eval_seconds < 0 or self.val_docs < 0):
-            raise InputError("params.yaml: verify.positions, byte_limit, max_state_bytes and max_overhead must be positive, "
-                             "audit_tokens, max_train_seconds, max_eval_seconds and val_docs >= 0")
+            raise InputError("params.yaml: verify.positions, record_batches, byte_limit, max_state_bytes and max_overhead must be positive, "
+                             "max_train_seconds, max_eval_seconds and val_docs >= 0")
 
 
 SUM_TOLERANCE = 1e-6
@@ -52,9 +52,10 @@ class Rule:
     figure: float  # what was measured
     limit: float  # what it was held to
     detail: str
+    copied: bool = False  # judged on a figure a stage reported (its seconds) that the report cannot recompute: certifies nothing
 
     def as_dict(self) -> dict:
-        return {"passed": bool(self.passed), "figure": float(self.figure), "limit": float(self.limit), "detail": self.detail}
+        return {"passed": bool(self.passed), "figure": float(self.figure), "limit": float(self.limit), "detail": self.detail, "copied": self.copied}
 
 
 class StreamScorer(Protocol):

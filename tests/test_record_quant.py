@@ -111,7 +111,7 @@ def test_calibrate_with_the_records_settings_reads_no_data_and_packs_every_way(t
     root.mkdir()
     p = tiny_params(shards_params(fineweb, tmp_path / "src", 3000, 20000))
     p["eval"].update(seq_len=32, stride=16)
-    p["verify"].update(positions=8, audit_tokens=2000)
+    p["verify"].update(positions=8)
     p["quant"].update(calib_seqs=4, seq_len=32, clip="sdclip", embed_hessian="shared", calibration="self_generated",
                       lqer={"rank": 2, "top_k": 3, "a_bits": 2, "b_bits": 4, "group": 16})
     run_stages(root, p, "tokenize", "train")

@@ -67,7 +67,7 @@ def test_the_pipeline_scores_with_the_tilt_and_every_rule_holds(tmp_path, finewe
     p = tiny_params(shards_params(fineweb, tmp_path / "src", 3000, 20000))
     p["quant"].update(calib_seqs=4, seq_len=32)
     p["eval"].update(seq_len=32, stride=16, tilt_order=2, tilt_threshold=1, tilt_boost=1.0)
-    p["verify"].update(positions=8, audit_tokens=2000)
+    p["verify"].update(positions=8)
     p["ttt"].update(method="chunk_sgd", chunk_tokens=512, epochs=1, lr=0.01)
     p["cache"]["input"] = "adapt"
     run_stages(root, p, "tokenize", "train", "calibrate", "pack", "score", "adapt", "rescore", "report")

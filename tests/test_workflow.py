@@ -47,7 +47,7 @@ def micro_params(fineweb, src) -> dict:
                       checkpoint_every=0, compile=False)
     p["quant"].update(calib_seqs=4, seq_len=32)
     p["eval"].update(seq_len=32, stride=16, batch=64)
-    p["verify"].update(positions=4, audit_tokens=1000)
+    p["verify"].update(positions=4)
     p["ttt"]["lora_chunk"] = 16
     return p
 
