@@ -5,7 +5,8 @@ Every stage's entry point is `run_stage(main, name)`:
   is refused before it touches anything, naming the process that holds the stage;
 - the stage ends when its parent does (`kill -9` of `dvc repro` must not leave training running on
   its own): on Linux the kernel sends SIGTERM, which unwinds like Ctrl-C, removing temporaries;
-- a StageError prints `error: <message>` alone and exits with status 2.
+- a StageError prints `error: <message>` alone and exits with status 2;
+- Ctrl-C unwinds the same way (temporaries removed, outputs kept) and ends in one line, status 130.
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def end_with_parent() -> None:
 
 
 def run_stage(main: Callable[[], None], name: str) -> None:
-    """Run stage `name`'s main alone and tied to its parent; a StageError ends it in one line, exit 2."""
+    """Run stage `name`'s main alone and tied to its parent; a StageError ends it in one line, exit 2; Ctrl-C in one line, 130."""
     try:
         if not in_torchrun_worker():
             hold(name)
@@ -69,3 +70,6 @@ def run_stage(main: Callable[[], None], name: str) -> None:
     except StageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # the traceback would run 35 lines down into torch; `staged` blocks have unwound already
+        print(f"{name}: interrupted (Ctrl-C); the last good outputs are kept", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)

@@ -92,3 +92,16 @@ def test_leftovers_of_a_live_process_are_kept_and_of_a_dead_one_removed(tmp_path
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_ctrl_c_ends_a_stage_in_one_line_keeping_the_last_good_output(tmp_path):
+    (tmp_path / "out.txt").write_text("last good")
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER], cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        holder.send_signal(signal.SIGINT)
+        _, err = holder.communicate(timeout=60)
+    finally:
+        holder.kill()
+    assert holder.returncode == 130 and err == "score: interrupted (Ctrl-C); the last good outputs are kept\n"
+    assert (tmp_path / "out.txt").read_text() == "last good" and not list(tmp_path.glob(".out.txt.tmp-*"))
